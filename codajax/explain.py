@@ -1,0 +1,102 @@
+"""Explanations by explicit composition of the per-layer dynamic matrices.
+
+A CoDA-Net is a dynamic linear map: y_l = M_l(x_{l-1}) . patches(x_{l-1}) at
+every position, then logits = sum_{h,w} y_L / T + logit_bias. For a class c
+the row of the composed map, from the input of layer l to logit c, is
+
+  g_L = onehot(c) / T at every position          (sum-pool transpose, 1/T)
+  g_{l-1} = fold(g_l . M_l)                       (matrix transpose, patch fold)
+
+and g_l (.) x_l sums exactly to logit_c - logit_bias. Every class comes out of
+one forward pass: the forward keeps only the layer inputs, and the sweep
+recomputes each layer's matrix from its input while passing through it, so at
+most one layer's matrix is alive at a time.
+
+This module uses no autodiff: the transposes are written out (`dau.fold`,
+`dau.transpose_matrix`).
+"""
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from codajax import dau
+from codajax import models
+
+
+class Explanation(NamedTuple):
+  linear_map: jax.Array   # (N, K, H_l, W_l, C_l): rows of the composed map.
+  layer_input: jax.Array  # (N, H_l, W_l, C_l): the input of layer `layer`.
+  logits: jax.Array       # (N, num_classes).
+  classes: jax.Array      # (N, K): the classes explained.
+
+  @property
+  def contributions(self) -> jax.Array:
+    return self.linear_map * self.layer_input[:, None].astype(self.linear_map.dtype)
+
+
+def _classes(classes, n: int, num_classes: int) -> jax.Array:
+  if classes is None:
+    return jnp.broadcast_to(jnp.arange(num_classes), (n, num_classes))
+  classes = jnp.asarray(classes)
+  if not jnp.issubdtype(classes.dtype, jnp.integer):
+    raise ValueError(f"classes must be integers, got dtype {classes.dtype}.")
+  if classes.ndim == 1:
+    return jnp.broadcast_to(classes, (n, classes.shape[0]))
+  if classes.ndim == 2 and classes.shape[0] == n:
+    return classes
+  raise ValueError(
+      f"classes must have shape (K,) or (N, K) with N={n}; got {classes.shape}.")
+
+
+def explain(model: models.CoDANet, variables, x: jax.Array, classes=None,
+            layer: int = 0) -> Explanation:
+  """The composed linear map from the input of `layer` to the requested logits.
+
+  Args:
+    model: a `models.CoDANet`.
+    variables: its variables ({"params": ...}).
+    x: images (N, H, W, C) in [0, 1].
+    classes: None for all classes, an int array (K,), or (N, K) per image.
+    layer: 0 for the encoded input [x, 1 - x], l for the input of layer l.
+  """
+  num_layers = model.num_layers
+  if not 0 <= layer < num_layers:
+    raise ValueError(f"layer must be in [0, {num_layers - 1}], got {layer}.")
+  inputs, logits = model.apply(variables, x, method=models.CoDANet.layer_inputs)
+  n = x.shape[0]
+  classes = _classes(classes, n, model.num_classes)
+  h_out, w_out = _output_hw(model, inputs[-1].shape[1:3], num_layers - 1)
+  # Sum-pool transpose and 1/T: every position of the last layer's output
+  # carries onehot(c) / T.
+  g = jax.nn.one_hot(classes, model.num_classes, dtype=jnp.float32) / model.temperature
+  g = jnp.broadcast_to(g[:, :, None, None, :], (n, classes.shape[1], h_out, w_out,
+                                                model.num_classes))
+  for l in reversed(range(layer, num_layers)):
+    # Layer l's matrix exists only inside this iteration.
+    matrix = model.apply(variables, inputs[l], l, method=models.CoDANet.layer_matrix)
+    g = dau.fold(dau.transpose_matrix(g, matrix), inputs[l].shape[1:3],
+                 model.kernel_sizes[l], model.strides[l], model.paddings[l])
+  return Explanation(g, inputs[layer], logits, classes)
+
+
+def _output_hw(model, in_hw, l):
+  k, s, p = model.kernel_sizes[l], model.strides[l], model.paddings[l]
+  return dau.output_size(in_hw[0], k, s, p), dau.output_size(in_hw[1], k, s, p)
+
+
+def linear_map(model, variables, x, classes=None, layer: int = 0) -> jax.Array:
+  """(N, K, H_l, W_l, C_l): per class, the row of the map from layer `layer`'s input
+  to that logit, 1/T included. layer=0 is the encoded input (C_0 = 2C)."""
+  return explain(model, variables, x, classes, layer).linear_map
+
+
+def contributions(model, variables, x, classes=None, layer: int = 0) -> jax.Array:
+  """`linear_map` times the layer's input: sums to logit - logit_bias."""
+  return explain(model, variables, x, classes, layer).contributions
+
+
+def contribution_maps(model, variables, x, classes=None, layer: int = 0) -> jax.Array:
+  """`contributions` summed over channels: (N, K, H_l, W_l)."""
+  return contributions(model, variables, x, classes, layer).sum(axis=-1)
