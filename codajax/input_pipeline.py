@@ -1,0 +1,354 @@
+"""Input pipelines: tfds / tf.data on the host, global batches on the mesh.
+
+Every source yields per-host examples {"image": uint8 (H, W, C), "label": int}:
+  "tfds:<name>"   a prepared tfds data set (`python -m codajax.prepare` first);
+  "digits"        scikit-learn's bundled 8x8 digits (no download);
+  "idx"           MNIST-style IDX files in config.data_dir (e.g. Fashion-MNIST);
+  "image_folder"  <data_dir>/{train,test}/<class>/*.{png,jpg,jpeg}.
+
+Training streams are deterministic functions of (config.seed, step): epoch e is
+the host's shard shuffled with a seed derived from (seed, e), augmented with
+stateless per-example seeds. A resumed run therefore sees exactly the batches
+an uninterrupted run would. Evaluation covers every test example exactly once:
+each host pads its shard to the same number of batches and marks padding with
+mask = 0.
+"""
+
+import dataclasses
+import functools
+import gzip
+import logging
+import math
+import os
+from typing import Iterator, Optional
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from codajax import randaugment
+
+
+class DataError(RuntimeError):
+  """A data set that cannot be read, with the command or path that fixes it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  num_train: int          # Global number of training examples.
+  num_test: int           # Global number of test examples.
+  num_classes: int
+  image_shape: tuple      # (H, W, C) of the model input.
+  class_names: tuple = ()
+
+
+def _host():
+  return jax.process_index(), jax.process_count()
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _digits(image_size):
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+  d = sk_datasets.load_digits()
+  images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  scale = image_size // 8
+  if scale * 8 != image_size:
+    raise ValueError(f"digits: image_size must be a multiple of 8, got {image_size}.")
+  images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+  labels = d.target.astype(np.int64)
+  order = np.random.RandomState(0).permutation(len(labels))  # Fixed split.
+  n_test = len(labels) // 5
+  test, train = order[:n_test], order[n_test:]
+  return ((images[train], labels[train]), (images[test], labels[test]),
+          tuple(str(i) for i in range(10)))
+
+
+def _read_idx(path):
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rb") as f:
+    data = f.read()
+  magic = int.from_bytes(data[:4], "big")
+  ndim = magic & 0xFF
+  if magic >> 8 != 0x08:
+    raise DataError(f"{path} is not an unsigned-byte IDX file (magic {magic:#x}).")
+  dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+  arr = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+  if arr.size != math.prod(dims):
+    raise DataError(f"{path} is truncated: header says {dims}, found {arr.size} bytes.")
+  return arr.reshape(dims)
+
+
+def _idx(root):
+  def find(stem):
+    for name in (stem, stem + ".gz"):
+      if root and os.path.exists(os.path.join(root, name)):
+        return os.path.join(root, name)
+    raise DataError(
+        f"IDX data: no {stem}[.gz] in data_dir={root!r}. Point --config.data_dir at "
+        "a folder with the standard files (on Debian: apt-get install "
+        "dataset-fashion-mnist, which installs /usr/share/datasets/fashion-mnist), "
+        "or use the ':tfds' variant of the config.")
+  out = []
+  for prefix in ("train", "t10k"):
+    images = _read_idx(find(f"{prefix}-images-idx3-ubyte"))[..., None]
+    labels = _read_idx(find(f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+    if len(images) != len(labels):
+      raise DataError(f"IDX data in {root}: {len(images)} {prefix} images but {len(labels)} labels.")
+    out.append((images, labels))
+  num_classes = int(max(out[0][1].max(), out[1][1].max())) + 1
+  return out[0], out[1], tuple(str(i) for i in range(num_classes))
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+def _folder_files(data_dir, split):
+  root = os.path.join(data_dir or "", split)
+  if not os.path.isdir(root):
+    raise DataError(
+        f"image_folder: {root!r} does not exist. Expected "
+        "<data_dir>/{train,test}/<class>/*.png|jpg; set --config.data_dir.")
+  classes = sorted(d for d in os.listdir(os.path.join(data_dir, "train"))
+                   if os.path.isdir(os.path.join(data_dir, "train", d)))
+  files, labels = [], []
+  for i, c in enumerate(classes):
+    folder = os.path.join(root, c)
+    if not os.path.isdir(folder):
+      continue
+    for f in sorted(os.listdir(folder)):
+      if f.lower().endswith(IMAGE_EXTENSIONS):
+        files.append(os.path.join(folder, f))
+        labels.append(i)
+  if not files:
+    raise DataError(f"image_folder: no .png/.jpg images under {root}/<class>/.")
+  return np.array(files), np.array(labels, np.int64), tuple(classes)
+
+
+def _tfds_builder(config):
+  name = config.dataset.split(":", 1)[1]
+  builder = tfds.builder(name, data_dir=config.data_dir or None)
+  if not builder.is_prepared():
+    raise DataError(
+        f"The tfds data set {name!r} is not prepared in {builder.data_dir!r}. "
+        f"Prepare it once, outside any multi-host run: python -m codajax.prepare "
+        f"--config <this config>" + (f" --config.data_dir={config.data_dir}"
+                                     if config.data_dir else "") + ".")
+  return builder
+
+
+def _in_memory(config):
+  """(train, test, class_names) as numpy arrays or file lists, for non-tfds sources."""
+  return _load_in_memory(config.dataset, config.data_dir, config.image_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_in_memory(dataset, data_dir, image_size):
+  if dataset == "digits":
+    return _digits(image_size)
+  if dataset == "idx":
+    return _idx(data_dir)
+  if dataset == "image_folder":
+    tr, te = _folder_files(data_dir, "train"), _folder_files(data_dir, "test")
+    return tr[:2], te[:2], tr[2]
+  raise ValueError(
+      f"config.dataset={dataset!r} is not one of 'tfds:<name>', 'digits', "
+      "'idx', 'image_folder'.")
+
+
+def _subset_counts(builder, config):
+  """Train/test sizes after restricting labels to < class_subset (from prepare)."""
+  path = os.path.join(builder.data_dir, f"codajax_subset_{config.class_subset}.json")
+  if not os.path.exists(path):
+    raise DataError(
+        f"Missing {path}: the class-subset sizes are counted once by "
+        "python -m codajax.prepare --config <this config>.")
+  import json  # pylint: disable=g-import-not-at-top
+  with open(path) as f:
+    return json.load(f)
+
+
+def get_info(config) -> DatasetInfo:
+  """Sizes, classes and image shape; raises DataError for missing data."""
+  size = config.image_size
+  if config.dataset.startswith("tfds:"):
+    builder = _tfds_builder(config)
+    info = builder.info
+    num_classes = info.features["label"].num_classes
+    names = tuple(info.features["label"].names)
+    channels = info.features["image"].shape[-1] or 3
+    if config.get("class_subset"):
+      counts = _subset_counts(builder, config)
+      num_train, num_test = counts[config.train_split], counts[config.test_split]
+      num_classes, names = config.class_subset, names[:config.class_subset]
+    else:
+      num_train = info.splits[config.train_split].num_examples
+      num_test = info.splits[config.test_split].num_examples
+  else:
+    (tr_x, _), (te_x, _), names = _in_memory(config)
+    num_train, num_test, num_classes = len(tr_x), len(te_x), len(names)
+    channels = 3 if config.dataset == "image_folder" else tr_x.shape[-1]
+  if config.num_classes is not None and config.num_classes != num_classes:
+    raise ValueError(
+        f"config.num_classes={config.num_classes} but the data has {num_classes} "
+        "classes; unset it or fix the data.")
+  return DatasetInfo(num_train, num_test, num_classes, (size, size, channels), names)
+
+
+def _host_dataset(config, split: str, train: bool, shuffle_seed=None) -> tf.data.Dataset:
+  """This host's shard of a split as {"image": uint8, "label": int64}."""
+  index, count = _host()
+  if config.dataset.startswith("tfds:"):
+    builder = _tfds_builder(config)
+    host_split = tfds.split_for_jax_process(split, process_index=index,
+                                            process_count=count, drop_remainder=train)
+    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
+    ds = builder.as_dataset(split=host_split, shuffle_files=shuffle_seed is not None,
+                            read_config=read_config)
+    ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+    if config.get("class_subset"):
+      ds = ds.filter(lambda ex: ex["label"] < config.class_subset)
+    return ds
+  tr, te, _ = _in_memory(config)
+  x, y = tr if train else te
+  x, y = x[index::count], y[index::count]
+  ds = tf.data.Dataset.from_tensor_slices({"image": x, "label": y})
+  if config.dataset == "image_folder":
+    channels = 3
+    ds = ds.map(lambda ex: {"image": tf.io.decode_image(
+        tf.io.read_file(ex["image"]), channels=channels, expand_animations=False),
+                            "label": ex["label"]}, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def _resize_short(image, size):
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  scale = tf.cast(size, tf.float32) / tf.cast(tf.minimum(h, w), tf.float32)
+  new = tf.cast(tf.round(tf.cast(tf.stack([h, w]), tf.float32) * scale), tf.int32)
+  return tf.image.resize(image, tf.maximum(new, size), antialias=True)
+
+
+def preprocess(config, image, train: bool, seed):
+  """uint8 (H, W, C) -> float32 in [0, 1] of shape (S, S, C); `seed` is (2,) int."""
+  size = config.image_size
+  image = tf.image.convert_image_dtype(image, tf.float32)
+  seeds = tf.random.experimental.stateless_split(seed, 4)
+  if config.augment == "imagenet":
+    image = _resize_short(image, config.resize_size)
+    if train:
+      image = tf.image.stateless_random_crop(image, (size, size, 3), seeds[0])
+      image = tf.image.stateless_random_flip_left_right(image, seeds[1])
+      image = randaugment.randaugment(image, config.randaugment_layers,
+                                      config.randaugment_magnitude, seeds[2])
+    else:
+      image = tf.image.resize_with_crop_or_pad(image, size, size)
+  else:
+    if image.shape[0] != size or image.shape[1] != size:
+      image = tf.image.resize(image, (size, size), antialias=True)
+    if train and config.augment == "crop_flip":
+      image = tf.pad(image, [[4, 4], [4, 4], [0, 0]])
+      image = tf.image.stateless_random_crop(image, tf.shape(image[4:-4, 4:-4]), seeds[0])
+      image = tf.image.stateless_random_flip_left_right(image, seeds[1])
+    elif config.augment not in ("none", "crop_flip"):
+      raise ValueError(f"config.augment={config.augment!r}: use none, crop_flip or imagenet.")
+  image = tf.ensure_shape(image, (size, size, None))
+  return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def _epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
+  return int(np.random.SeedSequence([seed, epoch, salt]).generate_state(1)[0] >> 1)
+
+
+def steps_per_epoch(config, info: DatasetInfo) -> int:
+  """Optimizer micro-steps (batches of batch_size // grad_accum_steps) per epoch."""
+  micro = config.batch_size // config.grad_accum_steps
+  return max(1, info.num_train // micro)
+
+
+def train_batches(config, info: DatasetInfo, start_step: int = 0) -> Iterator[dict]:
+  """This host's training batches from `start_step` on, forever.
+
+  Batch b of epoch e is the same whatever step the run (re)started from.
+  """
+  index, count = _host()
+  local = config.batch_size // config.grad_accum_steps // count
+  per_epoch = steps_per_epoch(config, info)
+  epoch, skip = divmod(start_step, per_epoch)
+  while True:
+    shuffle_seed = _epoch_seed(config.seed, epoch, index)
+    ds = _host_dataset(config, config.train_split, True, shuffle_seed)
+    if config.cache:
+      ds = ds.cache()
+    # A host whose shard is a little short wraps around instead of stalling.
+    ds = ds.shuffle(config.shuffle_buffer, seed=shuffle_seed,
+                    reshuffle_each_iteration=False).repeat()
+    # Enumerate before skipping: example i of the epoch keeps its augmentation
+    # seed (base, i) whatever step the run resumed from.
+    ds = ds.take(per_epoch * local).enumerate().skip(skip * local)
+    base = _epoch_seed(config.seed, epoch, 1000 + index)
+    ds = ds.map(lambda i, ex: {
+        "image": preprocess(config, ex["image"], True,
+                            tf.stack([tf.constant(base, tf.int64), i])),
+        "label": tf.cast(ex["label"], tf.int32)}, num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+    ds = ds.batch(local, drop_remainder=True).prefetch(2)
+    yield from ds.as_numpy_iterator()
+    epoch, skip = epoch + 1, 0
+
+
+def num_eval_batches(config, info: DatasetInfo) -> int:
+  _, count = _host()
+  local = eval_local_batch(config)
+  return max(1, math.ceil(math.ceil(info.num_test / count) / local))
+
+
+def eval_local_batch(config) -> int:
+  _, count = _host()
+  return max(1, config.eval_batch_size // count)
+
+
+def eval_batches(config, info: DatasetInfo) -> Iterator[dict]:
+  """This host's test batches, padded to the same count on every host."""
+  local = eval_local_batch(config)
+  n = num_eval_batches(config, info) * local
+  ds = _host_dataset(config, config.test_split, False)
+  ds = ds.map(lambda ex: {
+      "image": preprocess(config, ex["image"], False, tf.zeros((2,), tf.int64)),
+      "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(1.0)},
+              num_parallel_calls=tf.data.AUTOTUNE)
+  pad = tf.data.Dataset.from_tensors({
+      "image": tf.zeros(info.image_shape, tf.float32), "label": tf.constant(0, tf.int32),
+      "mask": tf.constant(0.0)}).repeat()
+  ds = ds.take(n).concatenate(pad).take(n).batch(local).prefetch(2)
+  return ds.as_numpy_iterator()
+
+
+def to_global(batch: dict, sharding) -> dict:
+  """Per-host numpy batch -> global jax.Arrays sharded over the mesh's data axis."""
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def prepare(config) -> None:
+  """Downloads and prepares a tfds data set; counts class subsets."""
+  if not config.dataset.startswith("tfds:"):
+    get_info(config)  # Validates the local files with a clear error.
+    logging.info("%s needs no preparation.", config.dataset)
+    return
+  name = config.dataset.split(":", 1)[1]
+  builder = tfds.builder(name, data_dir=config.data_dir or None)
+  builder.download_and_prepare()
+  if config.get("class_subset"):
+    import json  # pylint: disable=g-import-not-at-top
+    counts = {}
+    for split in (config.train_split, config.test_split):
+      ds = builder.as_dataset(split=split).map(lambda ex: ex["label"])
+      counts[split] = int(ds.reduce(0, lambda n, l: n + tf.cast(l < config.class_subset, tf.int32)))
+    with open(os.path.join(builder.data_dir, f"codajax_subset_{config.class_subset}.json"), "w") as f:
+      json.dump(counts, f)
+  logging.info("Prepared %s in %s.", name, builder.data_dir)
