@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Sets up .venv and runs the whole test suite on CPU (8 fake devices).
+# Extra arguments go to pytest, e.g. bash launch/test.sh -k explain
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh test
+exec .venv/bin/python -m pytest tests -n 2 -q "$@"

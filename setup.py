@@ -1,0 +1,35 @@
+"""codajax: Convolutional Dynamic Alignment Networks (CoDA-Nets) in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="codajax",
+    version="0.1.0",
+    description="CoDA-Nets (Böhle, Fritz, Schiele, CVPR 2021) in JAX/Flax, with "
+                "explanations composed from the network's own dynamic matrices.",
+    packages=setuptools.find_packages(include=["codajax", "codajax.*", "benchmarks"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "absl-py>=2.1",
+        "chex>=0.1.90",
+        "clu>=0.0.12",
+        "flax>=0.12",
+        "jax>=0.10",
+        "matplotlib>=3.9",
+        "ml-collections>=1.1",
+        "numpy>=2.0",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "scikit-learn>=1.5",      # The bundled digits of the embedded default.
+        # CLU's TensorBoard writers need tensorflow and tensorboard but do not
+        # declare them; TF is used on the host only (input and event files).
+        "tensorboard>=2.21",
+        "tensorflow-cpu>=2.21",
+        "tensorflow-datasets>=4.9.10",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "hypothesis>=6.100"],
+        # Only to read the authors' .pkl/.pt checkpoints (codajax.convert).
+        "torch": ["torch>=2.4"],
+    },
+)
