@@ -1,0 +1,40 @@
+"""Test setup: 8 fake CPU devices, the repository on sys.path, exact matmuls.
+
+Everything here must happen before JAX creates its backends, so it runs at
+conftest import time, before any test module imports jax.
+"""
+
+import os
+import pathlib
+import sys
+
+_NUM_DEVICES = 8
+_FLAG = f"--xla_force_host_platform_device_count={_NUM_DEVICES}"
+
+
+def _add_xla_flag(name: str, flag: str) -> None:
+  flags = os.environ.get("XLA_FLAGS", "")
+  if name not in flags:  # A value set by the caller wins.
+    os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
+
+
+# Older JAX reads the XLA flag; newer JAX has jax_num_cpu_devices. Set both.
+_add_xla_flag("xla_force_host_platform_device_count", _FLAG)
+# The tests run many small programs once each, so XLA:CPU compile time (LLVM
+# optimisation) dominates the suite; -O0 code gen roughly halves it. It does
+# not change float semantics (fast-math stays off).
+_add_xla_flag("xla_backend_optimization_level",
+              "--xla_backend_optimization_level=0")
+
+# Import the checkout's codajax even when it is not pip-installed.
+_ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+  sys.path.insert(0, str(_ROOT))
+
+import jax  # pylint: disable=g-import-not-at-top
+
+jax.config.update("jax_num_cpu_devices", _NUM_DEVICES)
+# Tests compare independent float32 computations (e.g. explicit composition vs
+# autodiff); default (bf16-pass) matmuls on some backends would need loose
+# tolerances that hide real errors.
+jax.config.update("jax_default_matmul_precision", "highest")
