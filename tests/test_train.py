@@ -1,0 +1,645 @@
+"""Tests of the trainer (codajax.train) and its checkpoints (codajax.checkpoint).
+
+End-to-end runs use the configs' `:tiny` variants: CIFAR-10 under
+`tfds.testing.mock_data`, and scikit-learn's digits (no download). The
+equivalence tests (sharded vs one device, several hosts vs one, resumed vs
+uninterrupted, accumulated vs one big batch) compare parameters, so each can
+fail on a wrong data order, RNG, reduction or optimizer count.
+"""
+
+import contextlib
+import functools
+import glob
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import chex
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+import optax
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from codajax import checkpoint
+from codajax import config_lib
+from codajax import input_pipeline
+from codajax import models
+from codajax import train
+from configs import cifar10 as cifar10_config
+from configs import digits as digits_config
+from configs import imagenet100 as imagenet100_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS_TEST = 359  # Test examples of the digits config (a fixed 20% split).
+
+# Every digits run here shares these settings, so its XLA programs (init,
+# train step, eval step) are the same and compile once per session through
+# the persistent compilation cache below. The lr halves every ~2 steps, so a
+# wrong optimizer step count after a resume would change the parameters; the
+# random crops and flips depend on the step, so would a wrong augmentation seed.
+FAST_DIGITS = dict(batch_size=32, eval_batch_size=360, augment="crop_flip",
+                   learning_rate=2e-3, lr_schedule="step", lr_decay_every_epochs=0.05, lr_decay_factor=2.0,
+                   log_every_steps=1, eval_every_steps=1000, checkpoint_every_steps=1000,
+                   explain_at_end=False, num_explain=4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def xla_cache(tmp_path_factory):
+  """A persistent compilation cache for this module's runs and subprocesses.
+
+  train_and_evaluate builds new jitted functions on every call, so without it
+  each run (and each subprocess) recompiles identical programs; XLA:CPU
+  compilation is most of a tiny run's time. One directory per pytest session,
+  shared by the xdist workers. Caching changes no results.
+  """
+  base = tmp_path_factory.getbasetemp()
+  if base.name.startswith("popen-gw"):  # xdist: share it between workers.
+    base = base.parent
+  path = str(base / "xla-cache")
+  values = {"jax_compilation_cache_dir": path,
+            "jax_persistent_cache_min_compile_time_secs": 0.0,
+            "jax_persistent_cache_min_entry_size_bytes": -1}
+  saved = {k: jax.config.values[k] for k in values}
+  for k, v in values.items():
+    jax.config.update(k, v)
+  yield path
+  for k, v in saved.items():
+    jax.config.update(k, v)
+  compilation_cache.reset_cache()
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def digits(**overrides):
+  """digits:tiny with FAST_DIGITS (no figures unless asked for)."""
+  c = digits_config.get_config("tiny")
+  c.update(FAST_DIGITS)
+  c.update(overrides)
+  return c
+
+
+def records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def tensorboard_tags(workdir):
+  """The scalar tags in the workdir's TensorBoard event files."""
+  tags = set()
+  for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+    for record in tf.data.TFRecordDataset(path):
+      event = tf.compat.v1.Event.FromString(record.numpy())
+      tags.update(v.tag for v in event.summary.value)
+  return tags
+
+
+def train_steps(workdir):
+  return [r["step"] for r in records(workdir) if "train/loss" in r]
+
+
+def checkpoint_steps(workdir):
+  return sorted(int(d) for d in os.listdir(checkpoint.directory(workdir)) if d.isdigit())
+
+
+def restore_params(workdir, config):
+  """(step, params as numpy) of the latest checkpoint, through checkpoint.restore."""
+  info = input_pipeline.get_info(config)
+  model = models.from_config(train.resolve_config(config, info).model)
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, *info.image_shape)))["params"])
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                          shapes)
+  mngr = checkpoint.manager(workdir, asynchronous=False)
+  try:
+    step, params, _, _ = checkpoint.restore(mngr, abstract)
+  finally:
+    mngr.close()
+  return step, jax.device_get(params)
+
+
+@contextlib.contextmanager
+def mock_tfds(name, num_examples, metadata_dir):
+  """tfds.testing.mock_data whose split metadata matches the mocked examples.
+
+  Without metadata files mock_data leaves `info.splits` empty (and the builder
+  unprepared), so the trainer could not size epochs and evaluation; with the
+  real metadata the sizes would not match the mock. Writing the builder's own
+  info with splits of `num_examples` keeps the input pipeline unchanged.
+  """
+  with tfds.testing.mock_data(num_examples=num_examples,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    builder = tfds.builder(name)
+    builder.info.set_splits(tfds.core.SplitDict([
+        tfds.core.SplitInfo(name=split, shard_lengths=[num_examples], num_bytes=0)
+        for split in ("train", "test")]))
+    path = os.path.join(metadata_dir, name, str(builder.version))
+    os.makedirs(path)
+    builder.info.write_to_directory(path)
+  with tfds.testing.mock_data(num_examples=num_examples, data_dir=str(metadata_dir),
+                              policy=tfds.testing.MockPolicy.USE_FILES):
+    yield
+
+
+def preempt_at(monkeypatch, step):
+  """Sends this process SIGTERM while the batch for `step` is fetched."""
+  original = input_pipeline.train_batches
+
+  def batches(config, info, start_step=0):
+    for s, batch in enumerate(original(config, info, start_step), start_step + 1):
+      if s == step:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, "train_batches", batches)
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def subprocess_env(num_devices, cache_dir):
+  """The test process's JAX settings (conftest.py), with `num_devices` devices."""
+  env = dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="",
+             JAX_DEFAULT_MATMUL_PRECISION="highest", JAX_COMPILATION_CACHE_DIR=cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={num_devices} "
+                      "--xla_backend_optimization_level=0")
+  return env
+
+
+# ----------------------------------------------------------- end to end
+
+
+def test_cifar10_mock_trains_resumes_and_evaluates(tmp_path):
+  """cifar10:tiny on 20 mocked examples: logs, checkpoint, resume, --mode eval.
+
+  20 test examples in eval batches of 16: the second batch is 12/16 padding.
+  """
+  workdir = str(tmp_path / "run")
+  config = cifar10_config.get_config("9L-S-CoDA-SQ-1000,tiny")
+  # 2 x 8 accumulation: micro-batches of 8 on the 8 devices.
+  config.update(batch_size=16, grad_accum_steps=2, eval_batch_size=16, num_steps=4,
+                log_every_steps=2, eval_every_steps=4, checkpoint_every_steps=4)
+  with mock_tfds("cifar10", 20, tmp_path / "metadata"):
+    first = train.train_and_evaluate(config, workdir)
+    assert first["eval/count"] == 20
+    assert os.path.exists(os.path.join(workdir, "config.json"))
+    with open(os.path.join(workdir, "config.json")) as f:
+      saved = json.load(f)
+    assert saved["model"]["out_channels"] == list(config.model.out_channels)
+    assert saved["num_classes"] == 10 and saved["num_steps"] == 4
+    assert {"train/loss", "train/lr", "eval/top1", "eval/top5"} <= tensorboard_tags(workdir)
+    assert checkpoint_steps(workdir) == [4]
+    assert train_steps(workdir) == [2, 4]
+    evals = [r for r in records(workdir) if "eval/top1" in r]
+    assert [r["step"] for r in evals] == [4] and evals[0]["eval/count"] == 20
+    assert all(np.isfinite(r["train/loss"]) for r in records(workdir) if "train/loss" in r)
+
+    config.num_steps = 8  # The same workdir resumes from step 4.
+    resumed = train.train_and_evaluate(config, workdir)
+    assert train_steps(workdir) == [2, 4, 6, 8]
+    assert checkpoint_steps(workdir) == [4, 8]
+
+    evaluated = train.train_and_evaluate(config, workdir, mode="eval")
+  assert evaluated["eval/count"] == 20
+  assert 0.0 <= evaluated["eval/top1"] <= evaluated["eval/top5"] <= 1.0
+  # The restored parameters are those evaluated at the end of training.
+  for key in ("eval/top1", "eval/top5", "eval/loss"):
+    np.testing.assert_allclose(evaluated[key], resumed[key], rtol=1e-6)
+  assert records(workdir)[-1]["step"] == 8 and "eval/top5" in records(workdir)[-1]
+
+
+def test_digits_trains_writes_figures_and_guards_its_checkpoint(tmp_path):
+  workdir = str(tmp_path / "run")
+  config = digits(num_steps=4, eval_every_steps=2, checkpoint_every_steps=2,
+                  explain_at_end=True)
+  result = train.train_and_evaluate(config, workdir)
+  assert result["eval/count"] == DIGITS_TEST
+  assert checkpoint_steps(workdir) == [2, 4]
+  assert [r["step"] for r in records(workdir) if "eval/top1" in r] == [2, 4]
+  figures = result["figures"]
+  assert sorted(map(os.path.basename, figures)) == ["contribution_maps.png", "linear_maps.png"]
+  for path in figures:
+    assert os.path.dirname(path) == os.path.join(workdir, "explanations")
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.getsize(path) > 5000
+
+  # A checkpoint of another architecture is refused, naming what differs.
+  other = digits()
+  rank = other.model.ranks[0]
+  other.model.ranks = (rank + 1,) + tuple(other.model.ranks[1:])
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    train.train_and_evaluate(other, workdir, mode="eval")
+  assert "does not match the model (2 parameters differ)" in str(e.value)
+  assert f"['layer_0']['A']: checkpoint ({rank}, " in str(e.value)
+  assert f"vs model ({rank + 1}, " in str(e.value)
+
+
+def test_unprepared_tfds_data_fails_fast_naming_the_prepare_command(tmp_path):
+  config = cifar10_config.get_config("9L-S-CoDA-SQ-1000")
+  config.data_dir = str(tmp_path / "tfds")
+  with pytest.raises(input_pipeline.DataError,
+                     match=r"'cifar10' is not prepared.*python -m codajax.prepare"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_imported_weights_are_evaluated_and_fine_tuned(tmp_path):
+  """A checkpoint written like codajax.convert's (step 0, no optimizer state)."""
+  workdir = str(tmp_path)
+  config = digits(num_steps=1)
+  model = models.from_config(config.model)
+  params = model.init(jax.random.key(7), jnp.zeros((1, 16, 16, 1)))["params"]
+  checkpoint.save_imported(workdir, params, {"source": "test", "model": config.model.to_dict()})
+  evaluated = train.train_and_evaluate(config, workdir, mode="eval")
+  assert evaluated["eval/count"] == DIGITS_TEST
+  assert records(workdir)[-1]["step"] == 0
+  trained = train.train_and_evaluate(config, workdir)  # Fine-tunes from step 0.
+  assert train_steps(workdir) == [1] and checkpoint_steps(workdir) == [0, 1]
+  assert trained["eval/loss"] != evaluated["eval/loss"]
+
+
+def test_eval_without_a_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(checkpoint.CheckpointError, match="train first.*codajax.convert"):
+    train.train_and_evaluate(digits(), str(tmp_path), mode="eval")
+
+
+# ------------------------------------------------------------ equivalences
+
+
+def _tiny_setup(config):
+  """A 3-layer net on 8x8 images (fast to compile) and the trainer's step."""
+  config.model = config_lib.model_config((8, 8, 10), (4, 4, 4), (3, 3, 1), (1, 2, 1),
+                                         (1, 1, 0), temperature=10.0)
+  model = models.from_config(config.model)
+  lr_fn = train.learning_rate_fn(config, 10.0, 100)
+  tx = train.make_optimizer(config, lr_fn)
+  params = model.init(jax.random.key(1), jnp.zeros((1, 8, 8, 1)))["params"]
+  state = train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  step = functools.partial(train.train_step, model=model, tx=tx, config=config,
+                           rng=jax.random.key(2), lr_fn=lr_fn)
+  return state, step
+
+
+def _batches(n, size, seed=0):
+  rng = np.random.RandomState(seed)
+  return [{"image": rng.uniform(size=(size, 8, 8, 1)).astype(np.float32),
+           "label": rng.randint(0, 10, size).astype(np.int32)} for _ in range(n)]
+
+
+def assert_same_training(got, want, lr):
+  """Same Adam moments (to float precision) and the same parameters.
+
+  The moments are running means of the gradients and their squares: they
+  differ if any gradient does. Adam then divides each coordinate by its RMS,
+  which turns rounding noise in a near-zero gradient coordinate into a
+  parameter change of up to a fraction of lr, so parameters get lr / 100.
+  """
+  for moment, atol in (("mu", 1e-8), ("nu", 1e-12)):
+    chex.assert_trees_all_close(optax.tree_utils.tree_get(got.opt_state, moment),
+                                optax.tree_utils.tree_get(want.opt_state, moment),
+                                rtol=1e-4, atol=atol)
+  chex.assert_trees_all_close(got.params, want.params, rtol=1e-5, atol=lr / 100)
+
+
+@pytest.mark.parametrize("matrix_reg_lambda", [0.0, 0.5])
+def test_sharded_training_matches_one_device(matrix_reg_lambda):
+  """8 devices (batch P('data'), params replicated) == 1 device, same batches."""
+  assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
+  lr = 1e-2
+  config = digits(learning_rate=lr, lr_schedule="constant",
+                  matrix_reg_lambda=matrix_reg_lambda)
+  batches = _batches(3, 16)
+  finals = []
+  for devices in (jax.devices(), jax.devices()[:1]):
+    mesh = Mesh(np.array(devices), ("data",))
+    data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    state, step = _tiny_setup(config)
+    init_params = jax.device_get(state.params)
+    state = jax.device_put(state, replicated)
+    p_step = jax.jit(step, in_shardings=(replicated, data),
+                     out_shardings=(replicated, replicated), donate_argnums=0)
+    losses = []
+    for batch in batches:
+      batch = input_pipeline.to_global(batch, data)
+      assert batch["image"].sharding.num_devices == len(devices)
+      state, metrics = p_step(state, batch)
+      losses.append(float(metrics["train/loss"]))
+    leaf = jax.tree.leaves(state.params)[0]
+    assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == len(devices)
+    finals.append((jax.device_get(state), losses))
+  (sharded, losses8), (single, losses1) = finals
+  np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
+  assert_same_training(sharded, single, lr)
+  moved = max(float(np.abs(a - b).max()) for a, b in zip(
+      jax.tree.leaves(single.params), jax.tree.leaves(init_params)))
+  assert moved > 1e-3  # The comparison is not between untouched parameters.
+
+
+def test_gradient_accumulation_2x8_equals_one_step_of_16():
+  """Two updates: 2 x 8 with grad_accum_steps=2 == 1 x 16 (make_optimizer's Adam)."""
+  lr = 1e-2
+  batches = _batches(2, 16, seed=3)
+  results = {}
+  for accum in (1, 2):
+    config = digits(learning_rate=lr, lr_schedule="constant", grad_accum_steps=accum)
+    state, step = _tiny_setup(config)
+    step = jax.jit(step)
+    for batch in batches:
+      for i in range(accum):
+        micro = jax.tree.map(lambda x: x[i * 16 // accum:(i + 1) * 16 // accum], batch)
+        before = state.params
+        state, metrics = step(state, micro)
+        if i < accum - 1:  # MultiSteps only accumulates until the last micro-step.
+          chex.assert_trees_all_equal(state.params, before)
+    np.testing.assert_allclose(float(metrics["train/lr"]), lr)
+    results[accum] = jax.device_get(state)
+  # Two Adam updates in both runs.
+  assert int(results[1].opt_state[0].count) == 2
+  assert int(results[2].opt_state.inner_opt_state[0].count) == 2
+  assert int(results[2].step) == 4 and int(results[1].step) == 2
+  assert_same_training(results[2], results[1], lr)
+
+
+def test_resume_reaches_the_uninterrupted_parameters(tmp_path, monkeypatch):
+  """6 steps in one go == 2 steps (num_steps=2), then to 6 with a SIGTERM at 4.
+
+  Same data order (per-step batches), same RNG (fold_in of the step), same
+  optimizer count (the lr halves every ~2 steps).
+  """
+  straight, pieces = str(tmp_path / "straight"), str(tmp_path / "pieces")
+  train.train_and_evaluate(digits(num_steps=6), straight)
+
+  train.train_and_evaluate(digits(num_steps=2), pieces)
+  assert checkpoint_steps(pieces) == [2]
+  preempt_at(monkeypatch, 4)
+  interrupted = train.train_and_evaluate(digits(num_steps=6), pieces)
+  monkeypatch.undo()
+  assert "eval/top1" not in interrupted  # It stopped early, without evaluating.
+  assert checkpoint_steps(pieces) == [2, 4]
+  assert train_steps(pieces) == [1, 2, 3, 4]
+  train.train_and_evaluate(digits(num_steps=6), pieces)
+  assert train_steps(pieces) == train_steps(straight) == list(range(1, 7))
+
+  def by_step(workdir, key):
+    return [r[key] for r in records(workdir) if key in r]
+  np.testing.assert_allclose(by_step(pieces, "train/loss"), by_step(straight, "train/loss"),
+                             rtol=1e-6)
+  np.testing.assert_allclose(by_step(pieces, "train/lr"), by_step(straight, "train/lr"),
+                             rtol=1e-7)
+  step_a, params_a = restore_params(straight, digits())
+  step_b, params_b = restore_params(pieces, digits())
+  assert step_a == step_b == 6
+  chex.assert_trees_all_close(params_b, params_a, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------- multi-host
+
+
+_WORKER = textwrap.dedent("""
+    import itertools, json, sys
+    import jax
+    num_devices, port, process_id, num_processes, workdir, emulate, overrides = sys.argv[1:]
+    jax.config.update("jax_num_cpu_devices", int(num_devices))
+    if int(num_processes) > 1:
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+      jax.distributed.initialize(coordinator_address=f"localhost:{port}",
+                                 num_processes=int(num_processes),
+                                 process_id=int(process_id))
+    import numpy as np
+    from codajax import input_pipeline, train
+    from configs import digits
+    config = digits.get_config("tiny")
+    config.update(json.loads(overrides))
+    if int(emulate) > 1:
+      # One process fed the global batches that `emulate` hosts build together:
+      # host i's slice of every batch, concatenated in process order.
+      host, batches = input_pipeline._host, input_pipeline.train_batches
+      def global_batches(config, info, start_step=0):
+        per_host = []
+        for i in range(int(emulate)):
+          input_pipeline._host = lambda i=i: (i, int(emulate))
+          per_host.append(list(itertools.islice(batches(config, info, start_step),
+                                                config.num_steps - start_step)))
+        input_pipeline._host = host
+        for parts in zip(*per_host):
+          yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+      input_pipeline.train_batches = global_batches
+    result = train.train_and_evaluate(config, workdir)
+    print("RESULT", json.dumps({"process": jax.process_index(),
+                                "count": jax.process_count(),
+                                "devices": jax.device_count(), **result}))
+    if int(num_processes) > 1:
+      jax.distributed.shutdown()
+""")
+
+
+def test_two_hosts_match_one_host(tmp_path, xla_cache):
+  """2 processes x 2 CPU devices (jax.distributed, gloo) == 1 process x 4 devices.
+
+  Each host feeds its own slice of the data (per-host shards,
+  `make_array_from_process_local_data`) and both write one shared workdir;
+  the single-process run is fed the same global batches.
+  """
+  script = tmp_path / "worker.py"
+  script.write_text(_WORKER)
+  port = free_port()
+  overrides = json.dumps(dict(FAST_DIGITS, num_steps=3, eval_every_steps=3,
+                              checkpoint_every_steps=3))
+  multi, single = str(tmp_path / "two_hosts"), str(tmp_path / "one_host")
+  runs = [(2, port, 0, 2, multi, 0), (2, port, 1, 2, multi, 0), (4, 0, 0, 1, single, 2)]
+  procs = [subprocess.Popen([sys.executable, str(script), *map(str, run), overrides],
+                            env=subprocess_env(run[0], xla_cache), cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+           for run in runs]
+  outputs = []
+  try:
+    for p in procs:
+      outputs.append(p.communicate(timeout=300)[0])
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    pytest.fail("multi-host run timed out after 300 s:\n" +
+                "\n".join(p.communicate()[0][-2000:] for p in procs))
+  for p, out in zip(procs, outputs):
+    if p.returncode and any(s in out for s in (
+        "collectives are not supported", "Gloo is not available",
+        "jax_cpu_collectives_implementation")):
+      pytest.skip(f"this platform cannot run multi-process CPU collectives: {out[-500:]}")
+    assert p.returncode == 0, out[-5000:]
+  results = [json.loads(out.split("RESULT ", 1)[1].splitlines()[0]) for out in outputs]
+  assert [(r["process"], r["count"], r["devices"]) for r in results] == [
+      (0, 2, 4), (1, 2, 4), (0, 1, 4)]
+  for r in results:
+    assert r["eval/count"] == DIGITS_TEST  # Padded per host, each example once.
+    np.testing.assert_allclose(r["eval/loss"], results[2]["eval/loss"], rtol=1e-5)
+  # Only process 0 writes metrics: each step is logged once.
+  assert train_steps(multi) == train_steps(single) == [1, 2, 3]
+
+  step_m, params_m = restore_params(multi, digits())
+  step_s, params_s = restore_params(single, digits())
+  assert step_m == step_s == 3
+  chex.assert_trees_all_close(params_m, params_s, rtol=1e-5, atol=FAST_DIGITS["learning_rate"] / 100)
+
+
+# -------------------------------------------------------------- preemption
+
+
+def test_sigterm_saves_exits_cleanly_and_the_rerun_resumes(tmp_path, xla_cache):
+  """`python -m codajax.main`, SIGTERM after the first logged step: rc 0, a
+  checkpoint at the step it stopped, and the same command continues there."""
+  workdir = str(tmp_path / "run")
+  flags = [f"--config.{k}={v}" for k, v in FAST_DIGITS.items()]
+  flags.append("--config.num_steps=100000")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "codajax.main", f"--config={ROOT}/configs/digits.py:tiny",
+       f"--workdir={workdir}", *flags], cwd=ROOT, env=subprocess_env(8, xla_cache),
+      text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 240
+  while not (os.path.exists(metrics) and os.path.getsize(metrics)):
+    if proc.poll() is not None or time.time() > deadline:
+      proc.kill()
+      pytest.fail("the run never logged a step:\n" + proc.communicate()[0][-5000:])
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)
+  try:
+    out = proc.communicate(timeout=120)[0]
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    pytest.fail("SIGTERM did not stop the run:\n" + proc.communicate()[0][-5000:])
+  assert proc.returncode == 0, out[-5000:]
+  assert "Preempted at step" in out
+  stopped = train_steps(workdir)[-1]
+  assert stopped < 100000
+  assert checkpoint_steps(workdir) == [stopped]
+
+  # The same command again (here in-process, ending one step later) resumes.
+  result = train.train_and_evaluate(digits(num_steps=stopped + 1), workdir)
+  assert train_steps(workdir) == list(range(1, stopped + 2))
+  assert checkpoint_steps(workdir) == [stopped, stopped + 1]
+  assert result["eval/count"] == DIGITS_TEST
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_non_finite_loss_names_the_step_and_is_never_checkpointed(tmp_path, monkeypatch):
+  original = input_pipeline.train_batches
+
+  def nan_at_step_2(config, info, start_step=0):
+    for s, batch in enumerate(original(config, info, start_step), start_step + 1):
+      if s == 2:
+        batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, "train_batches", nan_at_step_2)
+  workdir = str(tmp_path)
+  with pytest.raises(FloatingPointError, match="at step 2"):
+    train.train_and_evaluate(digits(num_steps=4, checkpoint_every_steps=1), workdir)
+  assert checkpoint_steps(workdir) == [1]  # A rerun resumes from finite parameters.
+
+
+def _save_two(workdir):
+  mngr = checkpoint.manager(workdir, asynchronous=False)
+  params = {"layer_0": {"kernel": np.ones((3, 2), np.float32), "bias": np.zeros(2, np.float32)}}
+  opt = {"mu": np.zeros(2, np.float32)}
+  checkpoint.save(mngr, 1, params, opt, {"model": {}})
+  checkpoint.save(mngr, 2, jax.tree.map(lambda x: x + 1, params), opt, {"model": {}})
+  mngr.wait_until_finished()
+  mngr.close()
+  return params, opt
+
+
+def _corrupt(workdir, step):
+  for path in glob.glob(os.path.join(checkpoint.directory(workdir), str(step), "params",
+                                     "**", "d", "*"), recursive=True):
+    with open(path, "wb") as f:
+      f.write(b"not a tensorstore chunk")
+
+
+def _abstract(tree):
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+
+
+# Orbax's failed reads of the damaged step leave an asyncio callback behind.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
+  params, opt = _save_two(str(tmp_path))
+  _corrupt(str(tmp_path), 2)
+  mngr = checkpoint.manager(str(tmp_path), asynchronous=False)
+  with caplog.at_level(logging.WARNING):
+    step, restored, restored_opt, _ = checkpoint.restore(mngr, _abstract(params), _abstract(opt))
+  assert step == 1
+  chex.assert_trees_all_equal(jax.device_get(restored), params)
+  chex.assert_trees_all_equal(jax.device_get(restored_opt), opt)
+  assert any("unreadable" in r.getMessage() and "/2 " in r.getMessage()
+             for r in caplog.records)
+  assert checkpoint_steps(str(tmp_path)) == [1, 2]  # Nothing deleted.
+
+  _corrupt(str(tmp_path), 1)
+  with pytest.raises(checkpoint.CheckpointError, match="(?s)No readable checkpoint.*step 2.*step 1"):
+    checkpoint.restore(mngr, _abstract(params), _abstract(opt))
+  mngr.close()
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+  params, opt = _save_two(str(tmp_path))
+  other = {"layer_0": {"kernel": np.ones((4, 2), np.float32), "bias": np.zeros(2, np.float32)}}
+  mngr = checkpoint.manager(str(tmp_path), asynchronous=False)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"(?s)1 parameters differ.*layer_0.*kernel.*\(3, 2\).*\(4, 2\)"):
+    checkpoint.restore(mngr, _abstract(other), _abstract(opt))
+  mngr.close()
+
+
+def test_bad_configs_are_rejected_with_clear_messages():
+  info = input_pipeline.get_info(digits())
+  seven = digits()
+  seven.model.out_channels = tuple(seven.model.out_channels[:-1]) + (7,)
+  with pytest.raises(ValueError, match="ends in 7 but the data has 10 classes"):
+    train.resolve_config(seven, info)
+  with pytest.raises(ValueError, match="12 must be a multiple of the 8 devices"):
+    train.resolve_config(digits(batch_size=12), info)
+  with pytest.raises(ValueError, match="multiple of config.grad_accum_steps=3"):
+    train.resolve_config(digits(batch_size=32, grad_accum_steps=3), info)
+  with pytest.raises(ValueError, match="learning_rate must be > 0"):
+    train.resolve_config(digits(learning_rate=0.0), info)
+
+
+# --------------------------------------------------------------- schedules
+
+
+def test_lr_schedules_follow_the_paper():
+  cifar = cifar10_config.get_config("9L-S-CoDA-SQ-1000")
+  per_epoch = 7.0  # Any size: the schedule is in epochs.
+  lr = train.learning_rate_fn(cifar, per_epoch, 200 * 7)
+  for epoch in range(0, 200, 10):
+    np.testing.assert_allclose(float(lr(jnp.asarray(epoch * per_epoch))),
+                               2.5e-4 / 1.5 ** (epoch // 30), rtol=1e-6)
+
+  imagenet = imagenet100_config.get_config()
+  lr = train.learning_rate_fn(imagenet, per_epoch, 60 * 7)
+  values = [float(lr(jnp.asarray(e * per_epoch))) for e in range(60)]
+  np.testing.assert_allclose(values[0], 2.5e-4, rtol=1e-6)
+  assert all(a < b < 1e-3 for a, b in zip(values[:14], values[1:15]))  # Linear warm-up.
+  np.testing.assert_allclose(np.diff(values[:15]), np.diff(values[:15])[0], rtol=1e-4)
+  np.testing.assert_allclose(values[15:], [1e-3 / 2 ** (e // 20) for e in range(15, 60)],
+                             rtol=1e-6)
