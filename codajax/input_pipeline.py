@@ -41,6 +41,9 @@ class DatasetInfo:
   num_classes: int
   image_shape: tuple      # (H, W, C) of the model input.
   class_names: tuple = ()
+  # Examples in the test split before a class subset is taken (eval streams the
+  # whole split and masks the other classes, so uneven hosts lose nothing).
+  num_test_stream: Optional[int] = None
 
 
 def _host():
@@ -186,15 +189,18 @@ def get_info(config) -> DatasetInfo:
     else:
       num_train = info.splits[config.train_split].num_examples
       num_test = info.splits[config.test_split].num_examples
+    num_stream = info.splits[config.test_split].num_examples
   else:
     (tr_x, _), (te_x, _), names = _in_memory(config)
     num_train, num_test, num_classes = len(tr_x), len(te_x), len(names)
+    num_stream = num_test
     channels = 3 if config.dataset == "image_folder" else tr_x.shape[-1]
   if config.num_classes is not None and config.num_classes != num_classes:
     raise ValueError(
         f"config.num_classes={config.num_classes} but the data has {num_classes} "
         "classes; unset it or fix the data.")
-  return DatasetInfo(num_train, num_test, num_classes, (size, size, channels), names)
+  return DatasetInfo(num_train, num_test, num_classes, (size, size, channels), names,
+                     num_stream)
 
 
 def _host_dataset(config, split: str, train: bool, shuffle_seed=None) -> tf.data.Dataset:
@@ -208,7 +214,7 @@ def _host_dataset(config, split: str, train: bool, shuffle_seed=None) -> tf.data
     ds = builder.as_dataset(split=host_split, shuffle_files=shuffle_seed is not None,
                             read_config=read_config)
     ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
-    if config.get("class_subset"):
+    if config.get("class_subset") and train:
       ds = ds.filter(lambda ex: ex["label"] < config.class_subset)
     return ds
   tr, te, _ = _in_memory(config)
@@ -304,7 +310,8 @@ def train_batches(config, info: DatasetInfo, start_step: int = 0) -> Iterator[di
 def num_eval_batches(config, info: DatasetInfo) -> int:
   _, count = _host()
   local = eval_local_batch(config)
-  return max(1, math.ceil(math.ceil(info.num_test / count) / local))
+  stream = info.num_test_stream or info.num_test
+  return max(1, math.ceil(math.ceil(stream / count) / local))
 
 
 def eval_local_batch(config) -> int:
@@ -317,9 +324,13 @@ def eval_batches(config, info: DatasetInfo) -> Iterator[dict]:
   local = eval_local_batch(config)
   n = num_eval_batches(config, info) * local
   ds = _host_dataset(config, config.test_split, False)
+  subset = config.get("class_subset") or 0
   ds = ds.map(lambda ex: {
       "image": preprocess(config, ex["image"], False, tf.zeros((2,), tf.int64)),
-      "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(1.0)},
+      "label": tf.cast(ex["label"], tf.int32) if not subset else
+               tf.cast(tf.minimum(ex["label"], subset - 1), tf.int32),
+      "mask": tf.constant(1.0) if not subset else
+              tf.cast(ex["label"] < subset, tf.float32)},
               num_parallel_calls=tf.data.AUTOTUNE)
   pad = tf.data.Dataset.from_tensors({
       "image": tf.zeros(info.image_shape, tf.float32), "label": tf.constant(0, tf.int32),

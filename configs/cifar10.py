@@ -65,7 +65,7 @@ def get_config(arg=None):
   c.log_every_steps = 500
   if tiny:
     c.num_steps = 8
-    c.batch_size = 8
+    c.batch_size = 16  # 2 x 8: divisible by up to 8 devices.
     c.eval_batch_size = 16
     c.log_every_steps = 2
     c.eval_every_steps = 4

@@ -33,7 +33,7 @@ def get_config(arg=None):
   c.log_every_steps = 200
   if tiny:
     c.num_steps = 4
-    c.batch_size = 4
+    c.batch_size = 8
     c.eval_batch_size = 8
     c.log_every_steps = 1
     c.image_size = 16

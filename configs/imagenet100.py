@@ -48,9 +48,9 @@ def get_config(arg=None):
   c.log_every_steps = 500
   if tiny:
     c.num_steps = 4
-    c.batch_size = 4
+    c.batch_size = 8
     c.grad_accum_steps = 1
-    c.eval_batch_size = 4
+    c.eval_batch_size = 8
     c.image_size = 48
     c.resize_size = 56
     c.log_every_steps = 1
