@@ -318,6 +318,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     mngr.close()
     if previous is not None:
       signal.signal(signal.SIGTERM, previous)
+  if not eval_metrics and not preempted:  # Already finished: report, don't retrain.
+    eval_metrics = evaluate(p_eval_step, state.params, config, info, batch_sharding)
   if config.explain_at_end and not preempted:
     eval_metrics["figures"] = write_explanations(model, state.params, config, info, workdir)
   log.close()
