@@ -14,8 +14,23 @@ can slot in behind the same parameters.
 
 Shapes: x is NHWC; B is HWIO (k, k, C_in, R); A is (R, C_out*d) with output
 channel index o*d + j; b is (C_out*d,).
+
+Fused form (`fused_layer`), which never forms w. With zb = [z, 1] in R^{R+1}
+and Ab_o = [A_o | b_o] in R^{d x (R+1)}:
+
+  w_o^T P  = sum_r zb_r Q[o, r],   Q = conv_kxk(x; K)  (K = Ab as a k x k kernel
+                                                        to C_out*(R+1) channels),
+  |w_o|^2  = zb^T G_o zb,          G_o = Ab_o^T Ab_o   ((R+1) x (R+1), params only).
+
+Per position that is d*C_out*(R+1) multiply-adds for Q (about what forming w
+costs) plus C_out*(R+1)^2 for the norm, but the largest intermediate is Q,
+C_out*(R+1) numbers instead of w's C_out*d (a 9x smaller for a 64->64, 3x3,
+rank-64 layer). The convolution producing Q (and z, from the same patches) is
+either a convolution or the patches x matrix product; see `FUSED_CONTRACTION`.
 """
 
+import functools
+import math
 from typing import Literal, Sequence
 
 import jax
@@ -23,6 +38,31 @@ import jax.numpy as jnp
 
 Norm = Literal["squash", "l2"]
 NORMS = ("squash", "l2")
+Contraction = Literal["conv", "dot"]
+CONTRACTIONS = ("conv", "dot")
+
+# How the fused layer computes [Q | z] from x, per jax.default_backend().
+# "dot": explicit patches (k*k strided slices) times the (d, C_out*(R+1) + R)
+# matrix, one GEMM forward and two GEMMs backward. "conv": one convolution.
+# Measured on XLA:CPU (2-core Xeon, benchmarks/train_step.py, CIFAR 9L-S, batch
+# 64): "dot" trains faster than "conv", whose backward passes XLA:CPU runs
+# much slower than its GEMMs (figures in benchmarks/README.md). Not measured on
+# GPU/TPU, where convolutions are the native path: "conv" there.
+FUSED_CONTRACTION = {"cpu": "dot"}
+DEFAULT_CONTRACTION: Contraction = "conv"
+
+
+# Images per chunk when explanations materialise a layer's w (see
+# `transpose_layer`), per backend; None: the whole batch at once. On XLA:CPU a
+# loop over single images keeps each w in cache and reuses one buffer instead
+# of page-faulting a batch-sized one: measured about 1.3x faster per layer
+# (CIFAR 9L-S layers 3 and 6, batch 16). GPUs want the whole batch.
+EXPLAIN_CHUNK = {"cpu": 1}
+
+
+def default_contraction(backend: str | None = None) -> Contraction:
+  """The fused layer's contraction for `backend` (default: jax.default_backend())."""
+  return FUSED_CONTRACTION.get(backend or jax.default_backend(), DEFAULT_CONTRACTION)
 
 
 def _pad(padding: int) -> Sequence[tuple[int, int]]:
@@ -35,25 +75,40 @@ def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 
 
 def patches(x: jax.Array, kernel: int, stride: int, padding: int) -> jax.Array:
-  """(N, H, W, C) -> (N, H', W', C*k*k), feature index c*k*k + ky*k + kx."""
-  return jax.lax.conv_general_dilated_patches(
-      x, (kernel, kernel), (stride, stride), _pad(padding),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  """(N, H, W, C) -> (N, H', W', C*k*k), feature index c*k*k + ky*k + kx.
+
+  Built from k*k strided slices (pure data movement, exact in any precision;
+  autodiff transposes it to pads and adds, like `fold`).
+  """
+  n, h, w, c = x.shape
+  ho, wo = output_size(h, kernel, stride, padding), output_size(w, kernel, stride, padding)
+  if padding:
+    x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  if kernel == 1:
+    return x[:, :(ho - 1) * stride + 1:stride, :(wo - 1) * stride + 1:stride, :]
+  cols = [
+      jax.lax.slice(x, (0, ky, kx, 0),
+                    (n, ky + (ho - 1) * stride + 1, kx + (wo - 1) * stride + 1, c),
+                    (1, stride, stride, 1))
+      for ky in range(kernel) for kx in range(kernel)]
+  return jnp.stack(cols, axis=-1).reshape(n, ho, wo, c * kernel * kernel)
 
 
 def fold(p: jax.Array, in_hw: tuple[int, int], kernel: int, stride: int,
-         padding: int) -> jax.Array:
+         padding: int, trailing: int = 0) -> jax.Array:
   """Transpose of `patches`: sums patch entries back onto the input grid.
 
-  p has shape (..., H', W', C*k*k); the result is (..., H, W, C). Written as a
-  sum of k*k strided, zero-interleaved shifts (lax.pad with interior padding),
-  so it is an explicit linear map, not a derivative.
+  p has shape (..., H', W', C*k*k, *T) with `trailing` axes T after the patch
+  axis (e.g. classes); the result is (..., H, W, C, *T). Written as a sum of
+  k*k strided, zero-interleaved shifts (lax.pad with interior padding), so it
+  is an explicit linear map, not a derivative.
   """
-  *lead, ho, wo, ckk = p.shape
+  i = p.ndim - 3 - trailing                   # Axis of H'.
+  lead, (ho, wo, ckk), trail = p.shape[:i], p.shape[i:i + 3], p.shape[i + 3:]
   c = ckk // (kernel * kernel)
   h, w = in_hw
   hp, wp = h + 2 * padding, w + 2 * padding
-  p = p.reshape(*lead, ho, wo, c, kernel, kernel)
+  p = p.reshape(*lead, ho, wo, c, kernel, kernel, *trail)
   out = None
   zero = jnp.zeros((), p.dtype)
   no_pad = [(0, 0, 0)] * len(lead)
@@ -62,11 +117,14 @@ def fold(p: jax.Array, in_hw: tuple[int, int], kernel: int, stride: int,
       # Output row i of the patch grid reads padded input row i*stride + ky.
       hi_y = hp - (ky + (ho - 1) * stride + 1)
       hi_x = wp - (kx + (wo - 1) * stride + 1)
+      part = jax.lax.index_in_dim(jax.lax.index_in_dim(p, ky, i + 3, False), kx, i + 3, False)
       shifted = jax.lax.pad(
-          p[..., ky, kx], zero,
-          no_pad + [(ky, hi_y, stride - 1), (kx, hi_x, stride - 1), (0, 0, 0)])
+          part, zero,
+          no_pad + [(ky, hi_y, stride - 1), (kx, hi_x, stride - 1)]
+          + [(0, 0, 0)] * (1 + trailing))
       out = shifted if out is None else out + shifted
-  return out[..., padding:padding + h, padding:padding + w, :]
+  out = jax.lax.slice_in_dim(out, padding, padding + h, axis=i)
+  return jax.lax.slice_in_dim(out, padding, padding + w, axis=i + 1)
 
 
 def low_rank(x: jax.Array, B: jax.Array, stride: int, padding: int) -> jax.Array:
@@ -119,3 +177,313 @@ def apply_matrix(matrix: jax.Array, p: jax.Array) -> jax.Array:
 def transpose_matrix(g: jax.Array, matrix: jax.Array) -> jax.Array:
   """Row vectors through the matrix: (N, K, H', W', C_out) x (N, H', W', C_out, d)."""
   return jnp.einsum("nkhwo,nhwod->nkhwd", g, matrix.astype(g.dtype))
+
+
+# ----------------------------------------------------------------------------
+# Fused form: never materialises w.
+#
+# Q is kept with its channels ordered (r, o), r major: Q[..., r*C_out + o] =
+# Ab[r, o, :] . P. Then A reshaped to (R*C_out, d) is the GEMM's weight as it
+# is stored (no transposed copy of A in the forward, and the gradient comes
+# out in A's own layout), and the bias row b is one more small matrix.
+
+
+def augmented(A: jax.Array, b: jax.Array, out_channels: int) -> jax.Array:
+  """Ab = [A; b] as (R+1, C_out, d): Ab[r, o, j] = A[r, o*d + j], Ab[R, o, j] = b[o*d + j]."""
+  return jnp.concatenate([A, b[None]], axis=0).reshape(A.shape[0] + 1, out_channels, -1)
+
+
+def norm_factors(A: jax.Array, b: jax.Array,
+                 out_channels: int) -> tuple[jax.Array, jax.Array]:
+  """(gmat, nmat), float32, parameters only (once per call): the two forms of
+  the squared norms |w_o|^2 = |A_o z + b_o|^2 used by `squared_norms`.
+
+  gmat, (R+1, (R+1)*C_out), the Gram form: entry [s, r*C_out + o] is
+  G_o[r, s], G_o = Ab_o^T Ab_o, so that (zb @ gmat)[..., r*C_out + o] =
+  (G_o zb)_r and |w_o|^2 = zb^T G_o zb. Gradients use this form.
+
+  nmat, (R+1, (R+1)*C_out), the values' form. zb^T G_o zb loses |w_o|^2 to
+  rounding when w_o is small next to its terms, i.e. when b_o nearly cancels
+  A_o z (relative error ~ eps (|A_o z| / |w_o|)^2, catastrophic with the l2
+  norm). So b_o is split first: b_o = A_o c_o + bp_o, c_o the least-squares
+  coefficients, bp_o the residual; then, with G_AA,o = A_o^T A_o = L_o L_o^T,
+  |w_o|^2 = |L_o^T (z + c_o)|^2 + 2 (z + c_o)^T A_o^T bp_o + |bp_o|^2,
+  where z + c_o and bp_o are formed by subtractions of vectors, as accurate
+  as forming w itself (error ~ eps |A_o z| / |w_o|). Columns [r*C_out + o]
+  for r < R give L_o^T (z + c_o) from zb; the last C_out columns give the
+  linear and constant terms. c_o may hold any value (the identity is exact
+  for every c_o), so it takes no gradient. L_o factors G_AA,o + lam_o I, a
+  ridge lam_o = R*eps*mean(diag G_AA,o) that keeps it finite for
+  rank-deficient A_o; `squared_norms` subtracts the lam_o |z + c_o|^2 it
+  adds, so the ridge costs no accuracy. Returns (gmat, nmat, lam).
+  """
+  r = A.shape[0]
+  f32 = jnp.float32
+  hi = jax.lax.Precision.HIGHEST
+  a = A.astype(f32).reshape(r, out_channels, -1).transpose(1, 0, 2)    # (C_out, R, d)
+  bo = b.astype(f32).reshape(out_channels, 1, -1)                       # (C_out, 1, d)
+  # Ab_o for every o, (C_out, R+1, d): one copy of A, batch axis first.
+  ab = jnp.concatenate([a, bo], axis=1)
+  g = jax.lax.dot_general(ab, ab, (((2,), (2,)), ((0,), (0,))), precision=hi)  # (C_out, R+1, R+1)
+  gmat = g.transpose(2, 1, 0).reshape(r + 1, -1)
+
+  g, a, bo = jax.lax.stop_gradient((g, a, bo))   # nmat gives values only.
+  g_aa, g_ab = g[:, :r, :r], g[:, :r, r]
+  ridge = r * jnp.finfo(f32).eps * jnp.mean(jnp.diagonal(g_aa, axis1=1, axis2=2), axis=1)
+  ridge = ridge + jnp.finfo(f32).tiny
+  chol = jnp.linalg.cholesky(g_aa + ridge[:, None, None] * jnp.eye(r, dtype=f32))
+  c = jax.scipy.linalg.cho_solve((chol, True), g_ab[..., None])[..., 0]           # (C_out, R)
+  bp = bo[:, 0] - jnp.einsum("ord,or->od", a, c, precision=hi)                   # (C_out, d)
+  h = jnp.einsum("ord,od->or", a, bp, precision=hi)                              # A_o^T bp_o
+  lt = chol.transpose(0, 2, 1)                                                   # L_o^T
+  shift = jnp.einsum("ors,os->or", lt, c, precision=hi)                          # L_o^T c_o
+  # |L^T u|^2 - lam |u|^2 + 2 u^T h + |bp|^2 with u = z + c; the -lam |z|^2
+  # part is left to `squared_norms`.
+  lin_z = 2.0 * (h - ridge[:, None] * c)
+  const = (2.0 * jnp.sum(c * h, axis=1) + jnp.sum(bp * bp, axis=1)
+           - ridge * jnp.sum(c * c, axis=1))
+  # v = zb @ nmat: v[(r, o)] = (L_o^T (z + c_o))_r for r < R; v[(R, o)] = the rest.
+  quad = jnp.concatenate([lt.transpose(2, 1, 0), shift.T[None]], axis=0)       # (R+1, R, C_out)
+  lin = jnp.concatenate([lin_z.T, const[None]], axis=0)                        # (R+1, C_out)
+  nmat = jnp.concatenate([quad, lin[:, None]], axis=1).reshape(r + 1, -1)
+  return gmat, nmat, ridge
+
+
+def squared_norms(zb: jax.Array, gmat: jax.Array, nmat: jax.Array,
+                  ridge: jax.Array) -> jax.Array:
+  """|w_o|^2, float32 (..., C_out), from `norm_factors`; differentiable in zb
+  and gmat (as zb^T G_o zb, the same function), with values from nmat."""
+  return _squared_norms(zb, gmat, *jax.lax.stop_gradient((nmat, ridge)))
+
+
+@jax.custom_vjp
+def _squared_norms(zb, gmat, nmat, ridge):
+  r1 = gmat.shape[0]
+  c_out = gmat.shape[1] // r1
+  v = jnp.dot(zb, nmat, precision=jax.lax.Precision.HIGHEST)
+  v = v.reshape(*v.shape[:-1], r1, c_out)
+  zz = jnp.sum(jnp.square(zb[..., :-1]), axis=-1, keepdims=True)
+  return jnp.sum(jnp.square(v[..., :-1, :]), axis=-2) + v[..., -1, :] - ridge * zz
+
+
+def _squared_norms_fwd(zb, gmat, nmat, ridge):
+  return _squared_norms(zb, gmat, nmat, ridge), (zb, gmat, nmat, ridge)
+
+
+def _squared_norms_bwd(res, dsq):
+  zb, gmat, nmat, ridge = res
+  dzb, dgmat = _squared_norms_vjp(zb, gmat, dsq)
+  return dzb, dgmat, jnp.zeros_like(nmat), jnp.zeros_like(ridge)
+
+
+def _squared_norms_vjp(zb, gmat, dsq):
+  """Cotangents of zb and gmat for sq_o = zb^T G_o zb (G_o symmetric)."""
+  r1 = gmat.shape[0]
+  c_out = gmat.shape[1] // r1
+  lead = zb.shape[:-1]
+  # d gmat[s, (r, o)] = sum zb_s zb_r dsq_o, and d zb = 2 sum_o dsq_o G_o zb =
+  # 2 v @ gmat^T with v[(r, o)] = zb_r dsq_o.
+  v = (zb[..., None] * dsq[..., None, :]).reshape(*lead, r1 * c_out)
+  dgmat = jax.lax.dot_general(zb.reshape(-1, r1), v.reshape(-1, r1 * c_out),
+                              (((0,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST)
+  dzb = 2.0 * jnp.dot(v, gmat.T, precision=jax.lax.Precision.HIGHEST)
+  return dzb, dgmat
+
+
+_squared_norms.defvjp(_squared_norms_fwd, _squared_norms_bwd)
+
+
+def fused_weights(A: jax.Array, b: jax.Array, B: jax.Array, out_channels: int,
+                  contraction: Contraction) -> tuple[jax.Array, jax.Array]:
+  """The two weights of [Q | zb] = P . W, float32, in the contraction's layout.
+
+  wa gives Q[..., r*C_out + o] for r < R, ws gives [Q[..., R*C_out + o] | z]
+  (the bias row, then the R channels of z). "dot": (R*C_out, d) and
+  (C_out + R, d), rows dotted with the (c, ky, kx)-ordered patch. "conv": the
+  same as HWIO kernels (k, k, C_in, R*C_out) and (k, k, C_in, C_out + R).
+  """
+  k, _, c_in, r = B.shape
+  d = c_in * k * k
+  b_rows = b.reshape(out_channels, d).astype(A.dtype)
+  if contraction == "dot":
+    B_rows = B.transpose(3, 2, 0, 1).reshape(r, d).astype(A.dtype)
+    return A.reshape(r * out_channels, d), jnp.concatenate([b_rows, B_rows])
+  to_hwio = lambda m: m.reshape(-1, c_in, k, k).transpose(2, 3, 1, 0)
+  return (to_hwio(A.reshape(r * out_channels, d)),
+          jnp.concatenate([to_hwio(b_rows), B.astype(A.dtype)], axis=-1))
+
+
+def fused_layer(x: jax.Array, B: jax.Array, A: jax.Array, b: jax.Array,
+                out_channels: int, kernel: int, stride: int, padding: int,
+                norm: Norm, contraction: Contraction | None = None) -> jax.Array:
+  """The CoDA layer output y (N, H', W', C_out), float32, without forming w.
+
+  The convolution (or GEMM) runs in x.dtype; the contraction with zb, the
+  Gram form of the norm and the output are float32.
+  """
+  contraction = contraction or default_contraction()
+  if contraction not in CONTRACTIONS:
+    raise ValueError(f"contraction must be one of {CONTRACTIONS}, got {contraction!r}.")
+  del kernel  # Implied by B.
+  wa, ws = fused_weights(A, b, B, out_channels, contraction)
+  return _fused_core(x, wa, ws, *norm_factors(A, b, out_channels), stride, padding,
+                     norm, contraction)
+
+
+def _linear(x, wa, ws, stride, padding, contraction):
+  """(Q without its bias row, [bias row | z]) in x.dtype, NHWC."""
+  wa, ws = wa.astype(x.dtype), ws.astype(x.dtype)
+  if contraction == "dot":
+    p = patches(x, _kernel_of(x, ws), stride, padding)
+    dot = lambda w: jax.lax.dot_general(p, w, (((p.ndim - 1,), (1,)), ((), ())))
+    return dot(wa), dot(ws)
+  conv = lambda w: jax.lax.conv_general_dilated(
+      x, w, (stride, stride), _pad(padding), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return conv(wa), conv(ws)
+
+
+def _kernel_of(x, ws):
+  """k from a "dot" weight (C_out + R, C_in*k*k) and x's channel count."""
+  return math.isqrt(ws.shape[-1] // x.shape[-1])
+
+
+def _num_sq(qa, qs, gmat, nmat, ridge):
+  """Numerators w_o^T P and squared norms |w_o|^2, float32 (..., C_out); zb."""
+  r1 = gmat.shape[0]
+  c_out = gmat.shape[1] // r1
+  lead = qa.shape[:-1]
+  zb = jnp.concatenate([qs[..., c_out:].astype(jnp.float32),
+                        jnp.ones((*lead, 1), jnp.float32)], axis=-1)
+  num = (jnp.einsum("...ro,...r->...o", qa.reshape(*lead, r1 - 1, c_out), zb[..., :-1],
+                    preferred_element_type=jnp.float32)
+         + qs[..., :c_out].astype(jnp.float32))
+  return num, _squared_norms(zb, gmat, nmat, ridge), zb
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _fused_core(x, wa, ws, gmat, nmat, ridge, stride, padding, norm, contraction):
+  num, sq, _ = _num_sq(*_linear(x, wa, ws, stride, padding, contraction), gmat, nmat,
+                       ridge)
+  return num * inverse_norm_from_sq(sq, norm)
+
+
+# The backward is written out (it is the chain rule of the forward, with gmat
+# assumed symmetric, as `gram` makes it) so that XLA gets materialised
+# cotangents in the layouts of the GEMMs. Left to autodiff, XLA:CPU fused the
+# next layer's patch fold and the norm's chain rule into transposing copies
+# feeding the weight-gradient GEMMs, recomputing them per element: half of
+# the training step (profiled; benchmarks/README.md).
+def _fused_core_fwd(x, wa, ws, gmat, nmat, ridge, stride, padding, norm, contraction):
+  qa, qs = _linear(x, wa, ws, stride, padding, contraction)
+  num, sq, _ = _num_sq(qa, qs, gmat, nmat, ridge)
+  return (num * inverse_norm_from_sq(sq, norm),
+          (x, wa, ws, gmat, nmat, ridge, qa, qs, num, sq))
+
+
+def _fused_core_bwd(stride, padding, norm, contraction, res, dy):
+  x, wa, ws, gmat, nmat, ridge, qa, qs, num, sq = res
+  r1 = gmat.shape[0]
+  c_out = gmat.shape[1] // r1
+  lead = qa.shape[:-1]
+  dy = jax.lax.optimization_barrier(dy.astype(jnp.float32))
+  inv, inv_vjp = jax.vjp(lambda s: inverse_norm_from_sq(s, norm), sq)
+  dnum = dy * inv
+  (dsq,) = inv_vjp(dy * num)
+  zb = jnp.concatenate([qs[..., c_out:].astype(jnp.float32),
+                        jnp.ones((*lead, 1), jnp.float32)], axis=-1)
+  dzb, dgmat = _squared_norms_vjp(zb, gmat, dsq)   # sq_o = zb^T G_o zb.
+  # Numerator: num_o = sum_r Q[r, o] zb_r.
+  dz = dzb[..., :-1] + jnp.einsum("...ro,...o->...r", qa.reshape(*lead, r1 - 1, c_out), dnum,
+                       preferred_element_type=jnp.float32)
+  dqa = (zb[..., :-1, None] * dnum[..., None, :]).reshape(qa.shape).astype(qa.dtype)
+  dqs = jnp.concatenate([dnum, dz], axis=-1).astype(qs.dtype)
+  dqa, dqs = jax.lax.optimization_barrier((dqa, dqs))
+  if contraction == "dot" and BWD_MODE == "explicit":
+    dx, dwa, dws = _linear_dot_bwd(x, wa, ws, dqa, dqs, stride, padding)
+  else:
+    _, linear_vjp = jax.vjp(
+        lambda x, wa, ws: _linear(x, wa, ws, stride, padding, contraction), x, wa, ws)
+    dx, dwa, dws = linear_vjp((dqa, dqs))
+  return dx, dwa, dws, dgmat, jnp.zeros_like(nmat), jnp.zeros_like(ridge)
+
+
+BWD_MODE = "explicit"
+
+
+def _linear_dot_bwd(x, wa, ws, dqa, dqs, stride, padding):
+  k = _kernel_of(x, ws)
+  p = patches(x, k, stride, padding)
+  d = p.shape[-1]
+  p2 = p.reshape(-1, d)
+  dqa2, dqs2 = dqa.reshape(p2.shape[0], -1), dqs.reshape(p2.shape[0], -1)
+  tn = (((0,), (0,)), ((), ()))
+  f32 = jnp.float32
+  dwa = jax.lax.dot_general(p2, dqa2, tn, preferred_element_type=f32).T
+  dws = jax.lax.dot_general(p2, dqs2, tn, preferred_element_type=f32).T
+  dp = (jnp.dot(dqa2, wa.astype(x.dtype), preferred_element_type=f32)
+        + jnp.dot(dqs2, ws.astype(x.dtype), preferred_element_type=f32))
+  dx = fold(dp.reshape(p.shape).astype(x.dtype), x.shape[1:3], k, stride, padding)
+  return dx, dwa.astype(wa.dtype), dws.astype(ws.dtype)
+
+
+_fused_core.defvjp(_fused_core_fwd, _fused_core_bwd)
+
+
+# ----------------------------------------------------------------------------
+# Explanations: row vectors through one layer, materialising w for it only.
+
+
+def transpose_layer(g: jax.Array, x: jax.Array, B: jax.Array, A: jax.Array,
+                    b: jax.Array, out_channels: int, kernel: int, stride: int,
+                    padding: int, norm: Norm, fused: bool = False,
+                    chunk: int | None | str = "auto") -> jax.Array:
+  """Rows of a map out of the layer, pulled back through it to its input x.
+
+  g holds K rows with the row axis last, (N, H', W', C_out, K), the layout
+  in which every product below is a plain GEMM; the result is fold(g . M),
+  (N, H, W, C_in, K), float32, with M = w / n(w) the layer's normalised
+  matrix: per class, `fold(transpose_matrix(g, normalised_matrix(w)))`.
+  It is computed as (g/n) . w, with 1/n from `squared_norms`, in one of two ways:
+
+    materialised (fused=False): w = [z, 1] @ [A; b] from one GEMM (stored
+      (d, C_out) per position), written once and read once by (g/n) . w;
+      `chunk` images at a time (None: all; "auto": `EXPLAIN_CHUNK` for the
+      backend) bound the w alive at once.
+    fused (fused=True): never forms w; ((g/n) (x) zb) . [A; b] as one GEMM
+      from C_out*(R+1) to d per position and row, i.e. the transposed
+      convolution of (g/n) (x) zb with the fused layer's kernel.
+  """
+  if chunk == "auto":
+    chunk = EXPLAIN_CHUNK.get(jax.default_backend())
+  r1 = A.shape[0] + 1
+  ab = augmented(A.astype(jnp.float32), b.astype(jnp.float32), out_channels)  # (R+1, C_out, d)
+  gmat, nmat, ridge = norm_factors(A, b, out_channels)
+  if fused:
+    ab = ab.reshape(r1 * out_channels, -1)     # Rows (r, o).
+  else:
+    ab = ab.transpose(0, 2, 1).reshape(r1, -1)  # w comes out as (d, C_out).
+  in_hw = x.shape[1:3]
+  hi = jax.lax.Precision.HIGHEST
+
+  def pull(x, g):
+    z = low_rank(x, B, stride, padding)
+    lead = z.shape[:-1]
+    zb = jnp.concatenate([z.astype(jnp.float32), jnp.ones((*lead, 1), jnp.float32)], axis=-1)
+    sq = squared_norms(zb, gmat, nmat, ridge)
+    g = g * inverse_norm_from_sq(sq, norm)[..., None]
+    if fused:
+      u = zb[..., :, None, None] * g[..., None, :, :]        # (..., R+1, C_out, K)
+      g = jnp.einsum("...fk,fj->...jk", u.reshape(*lead, -1, g.shape[-1]), ab,
+                     precision=hi)
+    else:
+      w = jnp.dot(zb, ab, precision=hi).reshape(*lead, -1, out_channels)
+      g = jnp.einsum("...jo,...ok->...jk", w, g, precision=hi)
+    return fold(g, in_hw, kernel, stride, padding, trailing=1)
+
+  n = x.shape[0]
+  chunk = math.gcd(n, chunk) if (chunk and not fused) else n
+  if chunk == n:
+    return pull(x, g)
+  split = lambda a: a.reshape(n // chunk, chunk, *a.shape[1:])
+  out = jax.lax.map(lambda xg: pull(*xg), (split(x), split(g)))
+  return out.reshape(n, *out.shape[2:])

@@ -20,7 +20,11 @@ import jax.numpy as jnp
 from codajax import dau
 
 DEFAULT_LOGIT_BIAS = math.log(0.1 / 0.9)
-IMPLS = ("materialized",)
+# "fused" never forms the per-position weights w (see `codajax.dau`), choosing
+# its convolution-or-GEMM contraction per backend; "fused_conv" / "fused_dot"
+# force one; "materialized" forms w at every position like the PyTorch code.
+# All share one parameter tree.
+IMPLS = ("fused", "fused_conv", "fused_dot", "materialized")
 
 
 class CoDAConv(nn.Module):
@@ -32,6 +36,7 @@ class CoDAConv(nn.Module):
   padding: int = 0
   norm: dau.Norm = "squash"
   dtype: Any = jnp.float32
+  impl: str = "fused"
 
   @nn.compact
   def __call__(self, x: jax.Array, matrix: bool = False) -> jax.Array:
@@ -46,6 +51,11 @@ class CoDAConv(nn.Module):
     A = self.param("A", nn.initializers.lecun_normal(), (r, self.features * d))
     b = self.param("b", nn.initializers.zeros_init(), (self.features * d,))
     x = x.astype(self.dtype)
+    if not matrix and self.impl != "materialized":
+      contraction = {"fused": None, "fused_conv": "conv", "fused_dot": "dot"}[self.impl]
+      return dau.fused_layer(x, B, A, b, self.features, k, self.stride,
+                             self.padding, self.norm, contraction)
+    # Materialised (and, for any impl, the matrix of one layer on demand).
     z = dau.low_rank(x, B, self.stride, self.padding)
     w = dau.dynamic_weights(z, A, b, self.features)
     if matrix:
@@ -54,6 +64,18 @@ class CoDAConv(nn.Module):
     num = jnp.einsum("...od,...d->...o", w, p, preferred_element_type=jnp.float32)
     return num * dau.inverse_norm(w, self.norm)[..., 0]
 
+  def transpose(self, x: jax.Array, g: jax.Array, fused: bool = False) -> jax.Array:
+    """Rows g (N, H', W', C_out, K) pulled back to the input: (N, H, W, C_in, K).
+
+    fold(g . matrix) for this layer's normalised matrix at input x, float32,
+    materialising w or not (`fused`); see `dau.transpose_layer`. Needs bound
+    parameters (model.apply).
+    """
+    p = self.variables["params"]
+    return dau.transpose_layer(g, x.astype(self.dtype), p["B"], p["A"], p["b"],
+                               self.features, self.kernel_size, self.stride,
+                               self.padding, self.norm, fused)
+
 
 class CoDANet(nn.Module):
   """A Convolutional Dynamic Alignment Network.
@@ -61,7 +83,9 @@ class CoDANet(nn.Module):
   Attributes: per-layer sequences `out_channels`, `ranks`, `kernel_sizes`,
   `strides`, `paddings`; `norm` ("squash" or "l2"); `temperature` T;
   `logit_bias`; `dtype` of the convolutions (parameters, norms, pooling and
-  logits stay float32).
+  logits stay float32); `impl`, one of `IMPLS` (same parameters for all);
+  `remat`: recompute each layer's activations in the backward pass
+  (`jax.checkpoint` per layer), trading compute for memory on large images.
   """
   out_channels: Sequence[int]
   ranks: Sequence[int]
@@ -72,12 +96,16 @@ class CoDANet(nn.Module):
   temperature: float = 1.0
   logit_bias: float = DEFAULT_LOGIT_BIAS
   dtype: Any = jnp.float32
+  impl: str = "fused"
+  remat: bool = False
 
   def setup(self):
     _validate(self)
+    # static_argnums counts self: argument 2 is `matrix`.
+    layer_cls = nn.remat(CoDAConv, static_argnums=(2,)) if self.remat else CoDAConv
     self.layers = [
-        CoDAConv(features=c, rank=r, kernel_size=k, stride=s, padding=p,
-                 norm=self.norm, dtype=self.dtype, name=f"layer_{i}")
+        layer_cls(features=c, rank=r, kernel_size=k, stride=s, padding=p,
+                  norm=self.norm, dtype=self.dtype, impl=self.impl, name=f"layer_{i}")
         for i, (c, r, k, s, p) in enumerate(zip(
             self.out_channels, self.ranks, self.kernel_sizes, self.strides,
             self.paddings))]
@@ -101,7 +129,7 @@ class CoDANet(nn.Module):
     inputs = []
     for layer in self.layers:
       inputs.append(h)
-      h = layer(h)
+      h = layer(h, False)
     return inputs, self.pool(h)
 
   def pool(self, y: jax.Array) -> jax.Array:
@@ -110,7 +138,18 @@ class CoDANet(nn.Module):
 
   def layer_matrix(self, x_l: jax.Array, layer: int) -> jax.Array:
     """Layer `layer`'s normalised dynamic matrix for its input x_l."""
-    return self.layers[layer](x_l, matrix=True)
+    return self.layers[layer](x_l, True)
+
+  def layer_transpose(self, x_l: jax.Array, g: jax.Array, layer: int,
+                      fused: bool = False) -> jax.Array:
+    """Rows g of a map out of layer `layer` pulled back to its input x_l.
+
+    g: (N, H', W', C_out, K) -> (N, H, W, C_in, K), K rows (row axis last),
+    the same as folding g . layer_matrix(x_l, layer) per row. fused=False
+    materialises that layer's w (only); fused=True never forms it (see
+    `dau.transpose_layer`).
+    """
+    return self.layers[layer].transpose(x_l, g, fused)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.layer_inputs(x)[1]
@@ -126,6 +165,8 @@ def _validate(model) -> None:
         f"CoDANet: out_channels has {n} layers but {bad} differ; give one "
         "value per layer in each of out_channels, ranks, kernel_sizes, strides, "
         "paddings.")
+  if model.impl not in IMPLS:
+    raise ValueError(f"CoDANet: impl must be one of {IMPLS}, got {model.impl!r}.")
   if model.norm not in dau.NORMS:
     raise ValueError(f"CoDANet: norm must be one of {dau.NORMS}, got {model.norm!r}.")
   if not model.temperature > 0:
@@ -199,7 +240,7 @@ PRESETS = {"cifar10_9l_s": cifar10_9l_s, "imagenet100_9l_l": imagenet100_9l_l,
            "tiny": tiny}
 
 CONFIG_FIELDS = ("out_channels", "ranks", "kernel_sizes", "strides", "paddings",
-                 "norm", "temperature", "logit_bias", "dtype")
+                 "norm", "temperature", "logit_bias", "dtype", "impl", "remat")
 
 
 def from_config(cfg) -> CoDANet:
@@ -218,4 +259,6 @@ def from_config(cfg) -> CoDANet:
     cfg[f] = tuple(int(v) for v in cfg[f])
   if "dtype" in cfg:
     cfg["dtype"] = jnp.dtype(cfg["dtype"])
+  if "remat" in cfg:
+    cfg["remat"] = bool(cfg["remat"])
   return CoDANet(**cfg)
