@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from codajax import explain
 from codajax import models
@@ -380,3 +381,12 @@ class ShapeTest(chex.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+def test_out_of_range_classes_are_rejected():
+  model = models.tiny()
+  x = jnp.full((2, 8, 8, 3), 0.5)
+  variables = model.init(jax.random.key(0), x)
+  for bad in ([10], [-1], [[0], [10]]):
+    with pytest.raises(ValueError, match="classes must be in"):
+      explain.linear_map(model, variables, x, jnp.array(bad))
