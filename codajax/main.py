@@ -46,7 +46,11 @@ def main(argv):
   from codajax import train  # pylint: disable=g-import-not-at-top
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(),
                jax.process_count(), jax.devices())
-  result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+  from codajax import checkpoint, input_pipeline  # pylint: disable=g-import-not-at-top
+  try:
+    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+  except (input_pipeline.DataError, checkpoint.CheckpointError, FloatingPointError) as e:
+    raise SystemExit(f"codajax: {type(e).__name__}: {e}") from None  # One clear line.
   if jax.process_index() == 0:
     workdir = os.path.abspath(FLAGS.workdir)
     summary = {k: v for k, v in result.items() if k != "figures"}

@@ -190,8 +190,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # 1. Workdir and logging. -------------------------------------------------
   workdir = os.path.abspath(workdir)
   primary = jax.process_index() == 0
-  if primary:
-    os.makedirs(workdir, exist_ok=True)
 
   # 2. Mesh: one 'data' axis over every device of every host. --------------
   mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -204,6 +202,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   per_epoch = input_pipeline.steps_per_epoch(config, info)
   num_steps = (config.num_steps if config.num_steps > 0
                else max(1, int(config.num_epochs * per_epoch)))
+  if primary:  # Only once the data is known to be there: no empty workdirs.
+    os.makedirs(workdir, exist_ok=True)
   if primary and mode == "train":
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
