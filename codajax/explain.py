@@ -20,6 +20,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from codajax import dau
 from codajax import models
@@ -42,12 +43,14 @@ def _classes(classes, n: int, num_classes: int) -> jax.Array:
   classes = jnp.asarray(classes)
   if not jnp.issubdtype(classes.dtype, jnp.integer):
     raise ValueError(f"classes must be integers, got dtype {classes.dtype}.")
-  if not isinstance(classes, jax.core.Tracer) and classes.size and (
-      int(classes.min()) < 0 or int(classes.max()) >= num_classes):
-    # Checked when the values are known (outside jit); one_hot would silently
-    # give all-zero maps for them.
+  try:  # Checked when the values are known (outside jit); one_hot would
+    values = np.asarray(classes)  # silently give all-zero maps for them.
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    values = None
+  if values is not None and values.size and (
+      values.min() < 0 or values.max() >= num_classes):
     raise ValueError(f"classes must be in [0, {num_classes - 1}], got "
-                     f"{int(classes.min())}..{int(classes.max())}.")
+                     f"{values.min()}..{values.max()}.")
   if classes.ndim == 1:
     return jnp.broadcast_to(classes, (n, classes.shape[0]))
   if classes.ndim == 2 and classes.shape[0] == n:
