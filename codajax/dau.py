@@ -18,15 +18,19 @@ channel index o*d + j; b is (C_out*d,).
 Fused form (`fused_layer`), which never forms w. With zb = [z, 1] in R^{R+1}
 and Ab_o = [A_o | b_o] in R^{d x (R+1)}:
 
-  w_o^T P  = sum_r zb_r Q[o, r],   Q = conv_kxk(x; K)  (K = Ab as a k x k kernel
-                                                        to C_out*(R+1) channels),
-  |w_o|^2  = zb^T G_o zb,          G_o = Ab_o^T Ab_o   ((R+1) x (R+1), params only).
+  w_o^T P  = sum_r zb_r Q[r, o],   Q = conv_kxk(x; K)  (K = Ab as a k x k kernel
+                                                        to (R+1)*C_out channels),
+  |w_o|^2  = zb^T G_o zb,          G_o = Ab_o^T Ab_o   ((R+1) x (R+1), params only;
+                                   evaluated in a cancellation-free form, `norm_factors`).
 
-Per position that is d*C_out*(R+1) multiply-adds for Q (about what forming w
-costs) plus C_out*(R+1)^2 for the norm, but the largest intermediate is Q,
-C_out*(R+1) numbers instead of w's C_out*d (a 9x smaller for a 64->64, 3x3,
-rank-64 layer). The convolution producing Q (and z, from the same patches) is
-either a convolution or the patches x matrix product; see `FUSED_CONTRACTION`.
+Per position that is d*(R+1)*C_out multiply-adds for Q (about what forming w
+costs) plus (R+1)^2*C_out for the norm, but the largest intermediate is Q,
+(R+1)*C_out numbers instead of w's C_out*d (9x smaller for a 64->64, 3x3,
+rank-64 layer). Q and z come from one set of patches, as a convolution or as
+the patches x matrix product; see `FUSED_CONTRACTION`.
+
+Explanations (`transpose_layer`) pull row vectors back through one layer,
+forming that layer's w only (or not at all, for a single row).
 """
 
 import functools
@@ -42,15 +46,19 @@ Contraction = Literal["conv", "dot"]
 CONTRACTIONS = ("conv", "dot")
 
 # How the fused layer computes [Q | z] from x, per jax.default_backend().
-# "dot": explicit patches (k*k strided slices) times the (d, C_out*(R+1) + R)
-# matrix, one GEMM forward and two GEMMs backward. "conv": one convolution.
-# Measured on XLA:CPU (2-core Xeon, benchmarks/train_step.py, CIFAR 9L-S, batch
-# 64): "dot" trains faster than "conv", whose backward passes XLA:CPU runs
-# much slower than its GEMMs (figures in benchmarks/README.md). Not measured on
-# GPU/TPU, where convolutions are the native path: "conv" there.
-FUSED_CONTRACTION = {"cpu": "dot"}
+# "dot": explicit patches (k*k strided slices) times the (d, (R+1)*C_out + R)
+# weights, one GEMM forward and two backward. "conv": convolutions, whose
+# backward XLA lowers to its convolution gradients. Measured, CIFAR 9L-S
+# training step, one process per figure (benchmarks/README.md):
+#   XLA:CPU (2-core Xeon, batch 64): "dot" 3.39 s, "conv" 5.28 s; at the
+#     dominant layer's shape fwd+bwd ran at 148 GFLOP/s as GEMMs, 63 as convs.
+#   H200 (jax 0.11.2, batch 256, float32): "dot" 36.4 ms, "conv" 39.2 ms (7%;
+#     20 steps each, spreads under 1 ms), "dot" also with the lower peak memory
+#     (5.2 vs 7.3 GB); at the dominant layer's shape GEMMs ran 1.5-1.6x faster
+#     than convs (CIFAR, float32 and bfloat16), 1.2x (ImageNet 9L-L, float32).
+# Not measured on TPU, where the convolution is the native path: "conv" there.
+FUSED_CONTRACTION = {"cpu": "dot", "gpu": "dot"}
 DEFAULT_CONTRACTION: Contraction = "conv"
-
 
 # Images per chunk when explanations materialise a layer's w (see
 # `transpose_layer`), per backend; None: the whole batch at once. On XLA:CPU a
@@ -184,8 +192,8 @@ def transpose_matrix(g: jax.Array, matrix: jax.Array) -> jax.Array:
 #
 # Q is kept with its channels ordered (r, o), r major: Q[..., r*C_out + o] =
 # Ab[r, o, :] . P. Then A reshaped to (R*C_out, d) is the GEMM's weight as it
-# is stored (no transposed copy of A in the forward, and the gradient comes
-# out in A's own layout), and the bias row b is one more small matrix.
+# is stored (no transposed copy of A, and its gradient comes out in A's own
+# layout); the bias row b and B form one more, small, weight.
 
 
 def augmented(A: jax.Array, b: jax.Array, out_channels: int) -> jax.Array:
@@ -193,87 +201,120 @@ def augmented(A: jax.Array, b: jax.Array, out_channels: int) -> jax.Array:
   return jnp.concatenate([A, b[None]], axis=0).reshape(A.shape[0] + 1, out_channels, -1)
 
 
-def norm_factors(A: jax.Array, b: jax.Array,
-                 out_channels: int) -> tuple[jax.Array, jax.Array]:
-  """(gmat, nmat), float32, parameters only (once per call): the two forms of
-  the squared norms |w_o|^2 = |A_o z + b_o|^2 used by `squared_norms`.
+def norm_factors(A: jax.Array, b: jax.Array, out_channels: int) -> tuple[jax.Array, ...]:
+  """(gmat, quad, lin, ridge), float32, parameters only (once per call): two
+  forms of the squared norms |w_o|^2 = |A_o z + b_o|^2, for `squared_norms`.
 
   gmat, (R+1, (R+1)*C_out), the Gram form: entry [s, r*C_out + o] is
-  G_o[r, s], G_o = Ab_o^T Ab_o, so that (zb @ gmat)[..., r*C_out + o] =
-  (G_o zb)_r and |w_o|^2 = zb^T G_o zb. Gradients use this form.
+  G_o[r, s], G_o = Ab_o^T Ab_o, so (zb @ gmat)[..., r*C_out + o] = (G_o zb)_r
+  and |w_o|^2 = zb^T G_o zb, C_out*(R+1)^2*d multiply-adds. Gradients use it.
 
-  nmat, (R+1, (R+1)*C_out), the values' form. zb^T G_o zb loses |w_o|^2 to
-  rounding when w_o is small next to its terms, i.e. when b_o nearly cancels
-  A_o z (relative error ~ eps (|A_o z| / |w_o|)^2, catastrophic with the l2
-  norm). So b_o is split first: b_o = A_o c_o + bp_o, c_o the least-squares
-  coefficients, bp_o the residual; then, with G_AA,o = A_o^T A_o = L_o L_o^T,
-  |w_o|^2 = |L_o^T (z + c_o)|^2 + 2 (z + c_o)^T A_o^T bp_o + |bp_o|^2,
-  where z + c_o and bp_o are formed by subtractions of vectors, as accurate
-  as forming w itself (error ~ eps |A_o z| / |w_o|). Columns [r*C_out + o]
-  for r < R give L_o^T (z + c_o) from zb; the last C_out columns give the
-  linear and constant terms. c_o may hold any value (the identity is exact
-  for every c_o), so it takes no gradient. L_o factors G_AA,o + lam_o I, a
-  ridge lam_o = R*eps*mean(diag G_AA,o) that keeps it finite for
-  rank-deficient A_o; `squared_norms` subtracts the lam_o |z + c_o|^2 it
-  adds, so the ridge costs no accuracy. Returns (gmat, nmat, lam).
+  quad (R+1, R*C_out), lin (R+1, C_out) and ridge (C_out,) give the values.
+  zb^T G_o zb loses |w_o|^2 to rounding when w_o is small next to its terms,
+  i.e. when b_o nearly cancels A_o z (relative error ~ eps (|A_o z| /
+  |w_o|)^2; with the l2 norm such units broke the |y| <= |P| bound). So b_o
+  is split first: b_o = A_o c_o + bp_o, c_o the least-squares coefficients,
+  bp_o the residual; with G_AA,o + lam_o I = L_o L_o^T and u = z + c_o,
+    |w_o|^2 = |L_o^T u|^2 - lam_o |u|^2 + 2 u^T A_o^T bp_o + |bp_o|^2,
+  where u and bp_o are differences of vectors, formed as accurately as w
+  itself (error ~ eps |A_o z| / |w_o|). (zb @ quad)[..., r*C_out + o] is
+  (L_o^T u)_r, zb @ lin the linear and constant terms; the -lam_o |z|^2 term
+  is `squared_norms`'s. The identity holds for any c_o, so
+  c_o takes no gradient; the ridge lam_o = R*eps*mean(diag G_AA,o) keeps L_o
+  finite for rank-deficient A_o and is subtracted again.
   """
   r = A.shape[0]
-  f32 = jnp.float32
-  hi = jax.lax.Precision.HIGHEST
-  a = A.astype(f32).reshape(r, out_channels, -1).transpose(1, 0, 2)    # (C_out, R, d)
-  bo = b.astype(f32).reshape(out_channels, 1, -1)                       # (C_out, 1, d)
+  f32, hi = jnp.float32, jax.lax.Precision.HIGHEST
   # Ab_o for every o, (C_out, R+1, d): one copy of A, batch axis first.
-  ab = jnp.concatenate([a, bo], axis=1)
+  ab = jnp.concatenate([A.astype(f32).reshape(r, out_channels, -1).transpose(1, 0, 2),
+                        b.astype(f32).reshape(out_channels, 1, -1)], axis=1)
   g = jax.lax.dot_general(ab, ab, (((2,), (2,)), ((0,), (0,))), precision=hi)  # (C_out, R+1, R+1)
   gmat = g.transpose(2, 1, 0).reshape(r + 1, -1)
 
-  g, a, bo = jax.lax.stop_gradient((g, a, bo))   # nmat gives values only.
+  g, ab = jax.lax.stop_gradient((g, ab))   # quad, lin and ridge: values only.
   g_aa, g_ab = g[:, :r, :r], g[:, :r, r]
   ridge = r * jnp.finfo(f32).eps * jnp.mean(jnp.diagonal(g_aa, axis1=1, axis2=2), axis=1)
   ridge = ridge + jnp.finfo(f32).tiny
-  chol = jnp.linalg.cholesky(g_aa + ridge[:, None, None] * jnp.eye(r, dtype=f32))
-  c = jax.scipy.linalg.cho_solve((chol, True), g_ab[..., None])[..., 0]           # (C_out, R)
-  bp = bo[:, 0] - jnp.einsum("ord,or->od", a, c, precision=hi)                   # (C_out, d)
-  h = jnp.einsum("ord,od->or", a, bp, precision=hi)                              # A_o^T bp_o
+  chol, c = _cholesky_solve(g_aa + ridge[:, None, None] * jnp.eye(r, dtype=f32), g_ab)
+  # bp = b - A c from the d-dimensional vectors (one read of Ab); A^T bp from G.
+  c1 = jnp.concatenate([-c, jnp.ones((out_channels, 1), f32)], axis=1)
+  bp = jnp.einsum("osd,os->od", ab, c1, precision=hi)                            # (C_out, d)
+  h = g_ab - jnp.einsum("ors,os->or", g_aa, c, precision=hi)                     # A^T bp
   lt = chol.transpose(0, 2, 1)                                                   # L_o^T
   shift = jnp.einsum("ors,os->or", lt, c, precision=hi)                          # L_o^T c_o
-  # |L^T u|^2 - lam |u|^2 + 2 u^T h + |bp|^2 with u = z + c; the -lam |z|^2
-  # part is left to `squared_norms`.
   lin_z = 2.0 * (h - ridge[:, None] * c)
   const = (2.0 * jnp.sum(c * h, axis=1) + jnp.sum(bp * bp, axis=1)
            - ridge * jnp.sum(c * c, axis=1))
-  # v = zb @ nmat: v[(r, o)] = (L_o^T (z + c_o))_r for r < R; v[(R, o)] = the rest.
   quad = jnp.concatenate([lt.transpose(2, 1, 0), shift.T[None]], axis=0)       # (R+1, R, C_out)
   lin = jnp.concatenate([lin_z.T, const[None]], axis=0)                        # (R+1, C_out)
-  nmat = jnp.concatenate([quad, lin[:, None]], axis=1).reshape(r + 1, -1)
-  return gmat, nmat, ridge
+  return gmat, quad.reshape(r + 1, -1), lin, ridge
 
 
-def squared_norms(zb: jax.Array, gmat: jax.Array, nmat: jax.Array,
+# The Cholesky factorisation and solve are loops over the R columns of a
+# (C_out, R, R) batch, not jnp.linalg: on CPU those call LAPACK through custom
+# calls which, run concurrently by XLA:CPU for several layers, deadlocked here
+# (reproduced: the CIFAR 9L-S forward hung in OpenBLAS's thread server).
+
+
+def _cholesky_solve(g: jax.Array, rhs: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(L, x) with L L^T = g (lower L) and g x = rhs, for batches (..., R, R) of
+  SPD matrices and (..., R) right-hand sides. One loop factors g and solves
+  L y = rhs alongside (row j of L is final after column j-1), then L^T x = y.
+  """
+  r = g.shape[-1]
+  rows = jnp.arange(r)
+  hi = jax.lax.Precision.HIGHEST
+  take = lambda a, j, axis: jax.lax.dynamic_index_in_dim(a, j, axis, keepdims=False)
+
+  def factor(j, carry):
+    l, y = carry
+    lj = take(l, j, -2)                      # Row j: columns < j are final, the rest 0.
+    v = take(g, j, -1) - jnp.einsum("...ik,...k->...i", l, lj, precision=hi)
+    pivot = jnp.sqrt(jnp.maximum(take(v, j, -1), jnp.finfo(g.dtype).tiny))
+    yj = (take(rhs, j, -1) - jnp.sum(lj * y, -1)) / pivot
+    l = jax.lax.dynamic_update_index_in_dim(l, jnp.where(rows >= j, v / pivot[..., None], 0.0),
+                                            j, -1)
+    return l, jax.lax.dynamic_update_index_in_dim(y, yj, j, -1)
+
+  l, y = jax.lax.fori_loop(0, r, factor, (jnp.zeros_like(g), jnp.zeros_like(rhs)))
+  diag = jnp.diagonal(l, axis1=-2, axis2=-1)
+
+  def back(i, x):                            # L^T x = y, from the last row up.
+    j = r - 1 - i
+    xj = (take(y, j, -1) - jnp.sum(take(l, j, -1) * x, -1)) / take(diag, j, -1)
+    return jax.lax.dynamic_update_index_in_dim(x, xj, j, -1)
+
+  return l, jax.lax.fori_loop(0, r, back, jnp.zeros_like(rhs))
+
+
+def squared_norms(zb: jax.Array, gmat: jax.Array, quad: jax.Array, lin: jax.Array,
                   ridge: jax.Array) -> jax.Array:
-  """|w_o|^2, float32 (..., C_out), from `norm_factors`; differentiable in zb
-  and gmat (as zb^T G_o zb, the same function), with values from nmat."""
-  return _squared_norms(zb, gmat, *jax.lax.stop_gradient((nmat, ridge)))
+  """|w_o|^2, float32 (..., C_out), from `norm_factors`: values from quad,
+  lin and ridge, derivatives (in zb and gmat) as zb^T G_o zb's, the same
+  function."""
+  return _squared_norms(zb, gmat, *jax.lax.stop_gradient((quad, lin, ridge)))
 
 
 @jax.custom_vjp
-def _squared_norms(zb, gmat, nmat, ridge):
-  r1 = gmat.shape[0]
-  c_out = gmat.shape[1] // r1
-  v = jnp.dot(zb, nmat, precision=jax.lax.Precision.HIGHEST)
-  v = v.reshape(*v.shape[:-1], r1, c_out)
-  zz = jnp.sum(jnp.square(zb[..., :-1]), axis=-1, keepdims=True)
-  return jnp.sum(jnp.square(v[..., :-1, :]), axis=-2) + v[..., -1, :] - ridge * zz
+def _squared_norms(zb, gmat, quad, lin, ridge):
+  hi = jax.lax.Precision.HIGHEST
+  c_out = lin.shape[-1]
+  v = jnp.dot(zb, quad, precision=hi)
+  v = v.reshape(*v.shape[:-1], -1, c_out)
+  z = zb[..., :-1]
+  return (jnp.einsum("...ro,...ro->...o", v, v, precision=hi)
+          + jnp.dot(zb, lin, precision=hi)
+          - ridge * jnp.sum(z * z, axis=-1, keepdims=True))
 
 
-def _squared_norms_fwd(zb, gmat, nmat, ridge):
-  return _squared_norms(zb, gmat, nmat, ridge), (zb, gmat, nmat, ridge)
+def _squared_norms_fwd(zb, gmat, quad, lin, ridge):
+  return _squared_norms(zb, gmat, quad, lin, ridge), (zb, gmat, quad, lin, ridge)
 
 
 def _squared_norms_bwd(res, dsq):
-  zb, gmat, nmat, ridge = res
+  zb, gmat, *values = res
   dzb, dgmat = _squared_norms_vjp(zb, gmat, dsq)
-  return dzb, dgmat, jnp.zeros_like(nmat), jnp.zeros_like(ridge)
+  return (dzb, dgmat, *map(jnp.zeros_like, values))
 
 
 def _squared_norms_vjp(zb, gmat, dsq):
@@ -295,9 +336,9 @@ _squared_norms.defvjp(_squared_norms_fwd, _squared_norms_bwd)
 
 def fused_weights(A: jax.Array, b: jax.Array, B: jax.Array, out_channels: int,
                   contraction: Contraction) -> tuple[jax.Array, jax.Array]:
-  """The two weights of [Q | zb] = P . W, float32, in the contraction's layout.
+  """The two weights of the fused layer's linear part, in the contraction's layout.
 
-  wa gives Q[..., r*C_out + o] for r < R, ws gives [Q[..., R*C_out + o] | z]
+  wa gives Q[..., r*C_out + o] for r < R; ws gives [Q[..., R*C_out + o] | z]
   (the bias row, then the R channels of z). "dot": (R*C_out, d) and
   (C_out + R, d), rows dotted with the (c, ky, kx)-ordered patch. "conv": the
   same as HWIO kernels (k, k, C_in, R*C_out) and (k, k, C_in, C_out + R).
@@ -318,23 +359,23 @@ def fused_layer(x: jax.Array, B: jax.Array, A: jax.Array, b: jax.Array,
                 norm: Norm, contraction: Contraction | None = None) -> jax.Array:
   """The CoDA layer output y (N, H', W', C_out), float32, without forming w.
 
-  The convolution (or GEMM) runs in x.dtype; the contraction with zb, the
-  Gram form of the norm and the output are float32.
+  The convolution (or GEMM) runs in x.dtype (parameters cast to it); the
+  contraction with zb, the norm (`norm_factors`) and the output are float32.
+  contraction: "conv" or "dot"; None picks `default_contraction()`.
   """
   contraction = contraction or default_contraction()
   if contraction not in CONTRACTIONS:
     raise ValueError(f"contraction must be one of {CONTRACTIONS}, got {contraction!r}.")
-  del kernel  # Implied by B.
   wa, ws = fused_weights(A, b, B, out_channels, contraction)
-  return _fused_core(x, wa, ws, *norm_factors(A, b, out_channels), stride, padding,
-                     norm, contraction)
+  return _fused_core(x, wa, ws, norm_factors(A, b, out_channels), kernel, stride,
+                     padding, norm, contraction)
 
 
-def _linear(x, wa, ws, stride, padding, contraction):
+def _linear(x, wa, ws, kernel, stride, padding, contraction):
   """(Q without its bias row, [bias row | z]) in x.dtype, NHWC."""
   wa, ws = wa.astype(x.dtype), ws.astype(x.dtype)
   if contraction == "dot":
-    p = patches(x, _kernel_of(x, ws), stride, padding)
+    p = patches(x, kernel, stride, padding)
     dot = lambda w: jax.lax.dot_general(p, w, (((p.ndim - 1,), (1,)), ((), ())))
     return dot(wa), dot(ws)
   conv = lambda w: jax.lax.conv_general_dilated(
@@ -342,88 +383,74 @@ def _linear(x, wa, ws, stride, padding, contraction):
   return conv(wa), conv(ws)
 
 
-def _kernel_of(x, ws):
-  """k from a "dot" weight (C_out + R, C_in*k*k) and x's channel count."""
-  return math.isqrt(ws.shape[-1] // x.shape[-1])
-
-
-def _num_sq(qa, qs, gmat, nmat, ridge):
-  """Numerators w_o^T P and squared norms |w_o|^2, float32 (..., C_out); zb."""
-  r1 = gmat.shape[0]
-  c_out = gmat.shape[1] // r1
+def _num_sq(qa, qs, factors):
+  """Numerators w_o^T P and squared norms |w_o|^2, float32 (..., C_out)."""
+  r1 = factors[0].shape[0]
+  c_out = factors[0].shape[1] // r1
   lead = qa.shape[:-1]
   zb = jnp.concatenate([qs[..., c_out:].astype(jnp.float32),
                         jnp.ones((*lead, 1), jnp.float32)], axis=-1)
   num = (jnp.einsum("...ro,...r->...o", qa.reshape(*lead, r1 - 1, c_out), zb[..., :-1],
                     preferred_element_type=jnp.float32)
          + qs[..., :c_out].astype(jnp.float32))
-  return num, _squared_norms(zb, gmat, nmat, ridge), zb
+  return num, _squared_norms(zb, *factors)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _fused_core(x, wa, ws, gmat, nmat, ridge, stride, padding, norm, contraction):
-  num, sq, _ = _num_sq(*_linear(x, wa, ws, stride, padding, contraction), gmat, nmat,
-                       ridge)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _fused_core(x, wa, ws, factors, kernel, stride, padding, norm, contraction):
+  num, sq = _num_sq(*_linear(x, wa, ws, kernel, stride, padding, contraction), factors)
   return num * inverse_norm_from_sq(sq, norm)
 
 
-# The backward is written out (it is the chain rule of the forward, with gmat
-# assumed symmetric, as `gram` makes it) so that XLA gets materialised
-# cotangents in the layouts of the GEMMs. Left to autodiff, XLA:CPU fused the
-# next layer's patch fold and the norm's chain rule into transposing copies
-# feeding the weight-gradient GEMMs, recomputing them per element: half of
-# the training step (profiled; benchmarks/README.md).
-def _fused_core_fwd(x, wa, ws, gmat, nmat, ridge, stride, padding, norm, contraction):
-  qa, qs = _linear(x, wa, ws, stride, padding, contraction)
-  num, sq, _ = _num_sq(qa, qs, gmat, nmat, ridge)
-  return (num * inverse_norm_from_sq(sq, norm),
-          (x, wa, ws, gmat, nmat, ridge, qa, qs, num, sq))
+# The backward is written out (the chain rule of the forward, through the
+# Gram form of the norm, see `squared_norms`) so that XLA gets materialised cotangents in
+# the layouts of the GEMMs. Left to autodiff, XLA:CPU fused the next layer's
+# patch fold and the norm's chain rule into transposing copies feeding the
+# weight-gradient GEMMs, recomputing them per element: the training step took
+# 3x longer (profiled; benchmarks/README.md). Residuals: the input, Q and z
+# (C_out*R + C_out + R numbers per position); the patches are re-sliced.
+def _fused_core_fwd(x, wa, ws, factors, kernel, stride, padding, norm, contraction):
+  qa, qs = _linear(x, wa, ws, kernel, stride, padding, contraction)
+  num, sq = _num_sq(qa, qs, factors)
+  return num * inverse_norm_from_sq(sq, norm), (x, wa, ws, factors, qa, qs, num, sq)
 
 
-def _fused_core_bwd(stride, padding, norm, contraction, res, dy):
-  x, wa, ws, gmat, nmat, ridge, qa, qs, num, sq = res
+def _fused_core_bwd(kernel, stride, padding, norm, contraction, res, dy):
+  x, wa, ws, factors, qa, qs, num, sq = res
+  gmat = factors[0]
+  hi, f32 = jax.lax.Precision.HIGHEST, jnp.float32
   r1 = gmat.shape[0]
   c_out = gmat.shape[1] // r1
   lead = qa.shape[:-1]
-  dy = jax.lax.optimization_barrier(dy.astype(jnp.float32))
+  dy = jax.lax.optimization_barrier(dy.astype(f32))
   inv, inv_vjp = jax.vjp(lambda s: inverse_norm_from_sq(s, norm), sq)
   dnum = dy * inv
   (dsq,) = inv_vjp(dy * num)
-  zb = jnp.concatenate([qs[..., c_out:].astype(jnp.float32),
-                        jnp.ones((*lead, 1), jnp.float32)], axis=-1)
-  dzb, dgmat = _squared_norms_vjp(zb, gmat, dsq)   # sq_o = zb^T G_o zb.
-  # Numerator: num_o = sum_r Q[r, o] zb_r.
+  zb = jnp.concatenate([qs[..., c_out:].astype(f32), jnp.ones((*lead, 1), f32)], axis=-1)
+  dzb, dgmat = _squared_norms_vjp(zb, gmat, dsq)     # sq_o = zb^T G_o zb.
+  dfactors = (dgmat, *map(jnp.zeros_like, factors[1:]))
+  # Numerator, num_o = sum_r Q[r, o] zb_r.
   dz = dzb[..., :-1] + jnp.einsum("...ro,...o->...r", qa.reshape(*lead, r1 - 1, c_out), dnum,
-                       preferred_element_type=jnp.float32)
+                       preferred_element_type=f32)
   dqa = (zb[..., :-1, None] * dnum[..., None, :]).reshape(qa.shape).astype(qa.dtype)
   dqs = jnp.concatenate([dnum, dz], axis=-1).astype(qs.dtype)
   dqa, dqs = jax.lax.optimization_barrier((dqa, dqs))
-  if contraction == "dot" and BWD_MODE == "explicit":
-    dx, dwa, dws = _linear_dot_bwd(x, wa, ws, dqa, dqs, stride, padding)
-  else:
+  if contraction == "conv":
     _, linear_vjp = jax.vjp(
-        lambda x, wa, ws: _linear(x, wa, ws, stride, padding, contraction), x, wa, ws)
-    dx, dwa, dws = linear_vjp((dqa, dqs))
-  return dx, dwa, dws, dgmat, jnp.zeros_like(nmat), jnp.zeros_like(ridge)
-
-
-BWD_MODE = "explicit"
-
-
-def _linear_dot_bwd(x, wa, ws, dqa, dqs, stride, padding):
-  k = _kernel_of(x, ws)
-  p = patches(x, k, stride, padding)
-  d = p.shape[-1]
-  p2 = p.reshape(-1, d)
+        lambda x, wa, ws: _linear(x, wa, ws, kernel, stride, padding, contraction),
+        x, wa, ws)
+    return (*linear_vjp((dqa, dqs)), dfactors)
+  # "dot": the weight gradients as P^T dQ, the input's as fold(dQ W).
+  p = patches(x, kernel, stride, padding)
+  p2 = p.reshape(-1, p.shape[-1])
   dqa2, dqs2 = dqa.reshape(p2.shape[0], -1), dqs.reshape(p2.shape[0], -1)
   tn = (((0,), (0,)), ((), ()))
-  f32 = jnp.float32
   dwa = jax.lax.dot_general(p2, dqa2, tn, preferred_element_type=f32).T
   dws = jax.lax.dot_general(p2, dqs2, tn, preferred_element_type=f32).T
   dp = (jnp.dot(dqa2, wa.astype(x.dtype), preferred_element_type=f32)
         + jnp.dot(dqs2, ws.astype(x.dtype), preferred_element_type=f32))
-  dx = fold(dp.reshape(p.shape).astype(x.dtype), x.shape[1:3], k, stride, padding)
-  return dx, dwa.astype(wa.dtype), dws.astype(ws.dtype)
+  dx = fold(dp.reshape(p.shape).astype(x.dtype), x.shape[1:3], kernel, stride, padding)
+  return dx, dwa.astype(wa.dtype), dws.astype(ws.dtype), dfactors
 
 
 _fused_core.defvjp(_fused_core_fwd, _fused_core_bwd)
@@ -457,7 +484,7 @@ def transpose_layer(g: jax.Array, x: jax.Array, B: jax.Array, A: jax.Array,
     chunk = EXPLAIN_CHUNK.get(jax.default_backend())
   r1 = A.shape[0] + 1
   ab = augmented(A.astype(jnp.float32), b.astype(jnp.float32), out_channels)  # (R+1, C_out, d)
-  gmat, nmat, ridge = norm_factors(A, b, out_channels)
+  factors = norm_factors(A, b, out_channels)
   if fused:
     ab = ab.reshape(r1 * out_channels, -1)     # Rows (r, o).
   else:
@@ -469,8 +496,7 @@ def transpose_layer(g: jax.Array, x: jax.Array, B: jax.Array, A: jax.Array,
     z = low_rank(x, B, stride, padding)
     lead = z.shape[:-1]
     zb = jnp.concatenate([z.astype(jnp.float32), jnp.ones((*lead, 1), jnp.float32)], axis=-1)
-    sq = squared_norms(zb, gmat, nmat, ridge)
-    g = g * inverse_norm_from_sq(sq, norm)[..., None]
+    g = g * inverse_norm_from_sq(squared_norms(zb, *factors), norm)[..., None]
     if fused:
       u = zb[..., :, None, None] * g[..., None, :, :]        # (..., R+1, C_out, K)
       g = jnp.einsum("...fk,fj->...jk", u.reshape(*lead, -1, g.shape[-1]), ab,

@@ -96,7 +96,7 @@ def explain(model: models.CoDANet, variables, x: jax.Array, classes=None,
 def _composition_costs(model, l: int, in_channels: int, k: int) -> tuple[int, int]:
   """Multiply-adds per output position to compose K = k rows through layer l.
 
-  With d = C_in*k*k, R the rank, and 1/n(w) from the Gram form in both (it
+  With d = C_in*k*k, R the rank, and 1/n(w) from zb (`dau.squared_norms`) in both (it
   scales g: g . (w/n) = (g/n) . w):
     materialised: w = [A|b] zb, (R+1)*C_out*d, then (g/n) . w, K*C_out*d;
     fused: the transposed conv of (g/n) (x) zb with the layer's kernel,
