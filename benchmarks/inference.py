@@ -13,15 +13,17 @@ from benchmarks import common
 def run_one(args, c):
   model, variables, x, _ = common.build(args, c)
   t = time.perf_counter()
-  compiled = jax.jit(model.apply).lower(variables, x).compile()
+  forward = jax.jit(model.apply)
+  compiled = forward.lower(variables, x).compile()
   compile_s = time.perf_counter() - t
-  flops = common.flops(compiled)
+  counted = common.flops(forward, variables, x)
+  flops = counted["flops"]
   timing = common.warm_and_time(lambda: compiled(variables, x).block_until_ready(),
                                 args.reps, args.budget_s)
   med = timing["median_s"]
   common.emit(common.record(
       "inference", args, c, model, x, **timing, img_per_s=c["batch"] / med,
-      compile_s=round(compile_s, 2), flops=flops, flop_per_s=flops / med if flops else None,
+      compile_s=round(compile_s, 2), **counted, flop_per_s=flops / med if flops else None,
       **common.peak_memory(), **common.xla_memory(compiled)))
 
 

@@ -42,9 +42,11 @@ def run_one(args, c):
   tx = optax.adam(1e-4)
   state = [variables["params"], tx.init(variables["params"])]
   t = time.perf_counter()
-  compiled = make_step(model, tx).lower(state[0], state[1], x, y).compile()
+  step = make_step(model, tx)
+  compiled = step.lower(state[0], state[1], x, y).compile()
   compile_s = time.perf_counter() - t
-  flops = common.flops(compiled)
+  counted = common.flops(step, state[0], state[1], x, y)
+  flops = counted["flops"]
 
   def call():
     state[0], state[1], loss = compiled(state[0], state[1], x, y)
@@ -55,7 +57,7 @@ def run_one(args, c):
   med = timing["median_s"]
   common.emit(common.record(
       "train_step", args, c, model, x, **timing, img_per_s=c["batch"] / med,
-      compile_s=round(compile_s, 2), flops=flops,
+      compile_s=round(compile_s, 2), **counted,
       flop_per_s=flops / med if flops else None, **mem, **common.xla_memory(compiled)))
 
   if not args.ceiling:

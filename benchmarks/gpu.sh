@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The benchmark suite on one GPU, as issue 4 asks: CIFAR 9L-S at batch 256
+# and ImageNet-100 9L-L at batch 32 (240x240), fused, float32 and bfloat16,
+# with the FLOP/s fraction of the ceiling; inference and contributions too.
+# Needs only jax (with its CUDA plugin), flax, optax and numpy.
+#
+#   bash benchmarks/gpu.sh [OUT_DIR]     # JSON lines in OUT_DIR/*.jsonl
+#
+# Every part runs even if an earlier one failed; the exit status is non-zero
+# if any failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-benchmark_results}}"
+mkdir -p "$out"
+py="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+status=0
+run() {   # run NAME ARGS...: one benchmarks.run invocation, logged.
+  local name="$1"; shift
+  echo "=== $name: benchmarks.run $*" >&2
+  "$py" -m benchmarks.run "$@" --part-timeout-s 240 >"$out/$name.jsonl" || status=1
+}
+"$py" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" || exit 1
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv 2>/dev/null
+
+# CIFAR 9L-S, batch 256: both contractions (conv is the GPU default), both dtypes.
+run cifar_train --train-batch 256 --impl fused fused_dot --dtype float32 bfloat16 \
+  --reps 20 --budget-s 20 --parts train_step
+run cifar_infer --infer-batch 256 --explain-batch 64 --impl fused --dtype float32 bfloat16 \
+  --reps 20 --budget-s 20 --parts inference contributions
+# ImageNet-100 9L-L, batch 32 at 240x240.
+run imagenet_train --model imagenet100_9l_l --train-batch 32 --impl fused \
+  --dtype float32 bfloat16 --reps 10 --budget-s 20 --parts train_step
+run imagenet_infer --model imagenet100_9l_l --infer-batch 32 --explain-batch 8 --impl fused \
+  --dtype float32 --reps 10 --budget-s 20 --parts inference contributions
+# One table of every record, last (the end of the output is what a remote run returns).
+"$py" - "$out"/*.jsonl <<'EOF'
+import json, sys
+for path in sys.argv[1:]:
+  for line in open(path):
+    r = json.loads(line)
+    if r["bench"] == "summary":
+      continue
+    print(r["bench"][:16].ljust(17), r["model"][:16].ljust(17), r["impl"].ljust(10),
+          r["dtype"].ljust(9), str(r["batch"]).rjust(4), end=" ")
+    if r["bench"] == "flops_vs_ceiling":
+      print(f"train {r['train_flop_per_s'] / 1e12:.1f} TF/s, ceiling {r['ceiling_flop_per_s'] / 1e12:.1f} "
+            f"({r['ceiling_kind']}; conv {r['conv_flop_per_s'] / 1e12:.1f}, gemm {r['gemm_flop_per_s'] / 1e12:.1f}) "
+            f"fraction {r['fraction']:.3f}")
+    elif r["bench"] == "contributions":
+      print(f"contrib {r['contributions_median_s'] * 1e3:.2f} ms / forward {r['forward_median_s'] * 1e3:.2f} ms "
+            f"= {r['ratio']:.2f}x, {r['num_classes']} classes, peak {r['peak_bytes'] / 2**30:.2f} GiB")
+    else:
+      print(f"{r['median_s'] * 1e3:.2f} ms, {r['img_per_s']:.0f} img/s, peak {r['peak_bytes'] / 2**30:.2f} GiB "
+            f"({r['peak_source']}), compile {r.get('compile_s')} s")
+EOF
+exit $status
