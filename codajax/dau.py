@@ -54,7 +54,7 @@ CONTRACTIONS = ("conv", "dot")
 #     dominant layer's shape fwd+bwd ran at 148 GFLOP/s as GEMMs, 63 as convs.
 #   H200 (jax 0.11.2, batch 256, float32): "dot" 36.4 ms, "conv" 39.2 ms (7%;
 #     20 steps each, spreads under 1 ms), "dot" also with the lower peak memory
-#     (5.2 vs 7.3 GB); at the dominant layer's shape GEMMs ran 1.5-1.6x faster
+#     (5.6 vs 7.8 GB); at the dominant layer's shape GEMMs ran 1.5-1.6x faster
 #     than convs (CIFAR, float32 and bfloat16), 1.2x (ImageNet 9L-L, float32).
 # Not measured on TPU, where the convolution is the native path: "conv" there.
 FUSED_CONTRACTION = {"cpu": "dot", "gpu": "dot"}
