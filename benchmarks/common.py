@@ -140,9 +140,10 @@ def _flop_count(lowered) -> float | None:
   return float(ca["flops"]) if ca and ca.get("flops", -1) > 0 else None
 
 
-def flops(jitted, *args) -> dict[str, Any]:
-  """XLA's cost-analysis FLOP count of jitted(*args), as lowered (before
-  backend passes): {"flops": count or None, "flops_source": how}.
+def flops(traced, lowered=None) -> dict[str, Any]:
+  """XLA's cost-analysis FLOP count of a traced program (`jax.jit(f).trace(...)`),
+  as lowered (before backend passes; `lowered`, if given, is traced.lower()):
+  {"flops": count or None, "flops_source": how}.
 
   Not the compiled module's count: on GPU its convolutions and GEMMs are
   library custom calls that the analysis does not count (measured on an H200,
@@ -152,8 +153,7 @@ def flops(jitted, *args) -> dict[str, Any]:
   for CPU and counted there: the program, and so its FLOPs, are the
   backend's (e.g. its contraction), only the counting is done by XLA:CPU.
   """
-  traced = jitted.trace(*args)
-  count = _flop_count(traced.lower())
+  count = _flop_count(lowered or traced.lower())
   if count is not None:
     return {"flops": count, "flops_source": "lowered"}
   try:

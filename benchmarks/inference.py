@@ -13,10 +13,11 @@ from benchmarks import common
 def run_one(args, c):
   model, variables, x, _ = common.build(args, c)
   t = time.perf_counter()
-  forward = jax.jit(model.apply)
-  compiled = forward.lower(variables, x).compile()
+  traced = jax.jit(model.apply).trace(variables, x)
+  lowered = traced.lower()
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t
-  counted = common.flops(forward, variables, x)
+  counted = common.flops(traced, lowered)
   flops = counted["flops"]
   timing = common.warm_and_time(lambda: compiled(variables, x).block_until_ready(),
                                 args.reps, args.budget_s)

@@ -42,10 +42,11 @@ def run_one(args, c):
   tx = optax.adam(1e-4)
   state = [variables["params"], tx.init(variables["params"])]
   t = time.perf_counter()
-  step = make_step(model, tx)
-  compiled = step.lower(state[0], state[1], x, y).compile()
+  traced = make_step(model, tx).trace(state[0], state[1], x, y)
+  lowered = traced.lower()
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t
-  counted = common.flops(step, state[0], state[1], x, y)
+  counted = common.flops(traced, lowered)
   flops = counted["flops"]
 
   def call():

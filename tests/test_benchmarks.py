@@ -62,7 +62,7 @@ class FlopsTest(absltest.TestCase):
 
   def test_counts_the_lowered_program(self):
     f = jax.jit(lambda a, b: a @ b)
-    counted = common.flops(f, jnp.ones((8, 16)), jnp.ones((16, 4)))
+    counted = common.flops(f.trace(jnp.ones((8, 16)), jnp.ones((16, 4))))
     self.assertEqual(counted, {"flops": 2 * 8 * 16 * 4, "flops_source": "lowered"})
 
   def test_falls_back_to_counting_as_lowered_for_cpu(self):
@@ -76,7 +76,7 @@ class FlopsTest(absltest.TestCase):
 
     f = jax.jit(lambda a, b: a @ b)
     with absltest.mock.patch.object(common, "_flop_count", no_count_first):
-      counted = common.flops(f, jnp.ones((8, 16)), jnp.ones((16, 4)))
+      counted = common.flops(f.trace(jnp.ones((8, 16)), jnp.ones((16, 4))))
     self.assertEqual(counted, {"flops": 2 * 8 * 16 * 4, "flops_source": "lowered_for_cpu"})
     self.assertLen(calls, 2)
 
