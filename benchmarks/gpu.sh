@@ -18,14 +18,18 @@ status=0
 run() {   # run NAME ARGS...: one benchmarks.run invocation, logged.
   local name="$1"; shift
   echo "=== $name: benchmarks.run $*" >&2
-  "$py" -m benchmarks.run "$@" --part-timeout-s 240 >"$out/$name.jsonl" || status=1
+  "$py" -m benchmarks.run "$@" --part-timeout-s 360 >"$out/$name.jsonl" || status=1
 }
 "$py" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" || exit 1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv 2>/dev/null
 
-# CIFAR 9L-S, batch 256: both contractions (conv is the GPU default), both dtypes.
-run cifar_train --train-batch 256 --impl fused fused_dot --dtype float32 bfloat16 \
+# CIFAR 9L-S, batch 256: both contractions (dot is the GPU default), both dtypes.
+run cifar_train --train-batch 256 --impl fused fused_conv --dtype float32 bfloat16 \
   --reps 20 --budget-s 20 --parts train_step
+# Where the CIFAR step's time goes (kernels by name; the traces go to a temporary folder).
+echo "=== profile: benchmarks.profile" >&2
+"$py" -m benchmarks.profile --batch 256 --impl fused --dtype float32 bfloat16 --steps 3 \
+  >"$out/profile.jsonl" || status=1
 run cifar_infer --infer-batch 256 --explain-batch 64 --impl fused --dtype float32 bfloat16 \
   --reps 20 --budget-s 20 --parts inference contributions
 # ImageNet-100 9L-L, batch 32 at 240x240.
@@ -43,7 +47,10 @@ for path in sys.argv[1:]:
       continue
     print(r["bench"][:16].ljust(17), r["model"][:16].ljust(17), r["impl"].ljust(10),
           r["dtype"].ljust(9), str(r["batch"]).rjust(4), end=" ")
-    if r["bench"] == "flops_vs_ceiling":
+    if r["bench"] == "profile":
+      print(f"busy {r['busy_ms_per_step']:.2f} ms/step, matmul/conv {r['matmul_share']:.0%}; top: "
+            + ", ".join(f"{t['op'][:40]} {t['ms_per_step']:.2f}" for t in r["top_ops"][:5]))
+    elif r["bench"] == "flops_vs_ceiling":
       print(f"train {r['train_flop_per_s'] / 1e12:.1f} TF/s, ceiling {r['ceiling_flop_per_s'] / 1e12:.1f} "
             f"({r['ceiling_kind']}; conv {r['conv_flop_per_s'] / 1e12:.1f}, gemm {r['gemm_flop_per_s'] / 1e12:.1f}) "
             f"fraction {r['fraction']:.3f}")

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
+from benchmarks import profile
 
 _ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -79,6 +80,53 @@ class FlopsTest(absltest.TestCase):
       counted = common.flops(f.trace(jnp.ones((8, 16)), jnp.ones((16, 4))))
     self.assertEqual(counted, {"flops": 2 * 8 * 16 * 4, "flops_source": "lowered_for_cpu"})
     self.assertLen(calls, 2)
+
+
+def _meta(pid, name, tid=None):
+  if tid is None:
+    return {"ph": "M", "name": "process_name", "pid": pid, "args": {"name": name}}
+  return {"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": name}}
+
+
+def _op(pid, tid, name, ts, dur):
+  return {"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": ts, "dur": dur}
+
+
+class ProfileTest(absltest.TestCase):
+
+  def test_device_kernels_only_when_the_trace_has_a_device(self):
+    events = [_meta(1, "/host:CPU"), _meta(2, "/device:GPU:0"),
+              _op(1, 1, "PjitFunction(step)", 0, 100),
+              _op(2, 7, "sm90_xmma_gemm_f32", 10, 30), _op(2, 7, "loop_fusion", 45, 10),
+              _op(2, 8, "sm90_xmma_gemm_f32", 60, 20)]
+    where, times = profile.op_times(events)
+    self.assertEqual(where, "device")
+    self.assertEqual(times, {"sm90_xmma_gemm_f32": 50, "loop_fusion": 10})
+
+  def test_host_ops_innermost_only_without_markers_or_waits(self):
+    events = [_meta(1, "/host:CPU"), _meta(1, "python", tid=1), _meta(1, "worker", tid=2),
+              _op(1, 1, "PjitFunction(step)", 0, 100),              # Python's thread.
+              _op(1, 2, "ThunkExecutor::Execute", 0, 50),            # Contains the ops.
+              _op(1, 2, "dot.1", 5, 20), _op(1, 2, "end: dot.1", 25, 0),
+              _op(1, 2, "fusion.2", 30, 10),
+              _op(1, 2, "ThunkExecutor::Execute (wait for completion)", 60, 30)]
+    where, times = profile.op_times(events)
+    self.assertEqual(where, "host")
+    self.assertEqual(times, {"dot.1": 20, "fusion.2": 10})
+    self.assertTrue(profile.MATMUL.search("dot.1"))
+    self.assertIsNone(profile.MATMUL.search("fusion.2"))
+
+  def test_profiles_a_real_training_step(self):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.profile", "--model", "tiny", "--batch", "2",
+         "--steps", "1", "--top", "5"],
+        cwd=_ROOT, capture_output=True, text=True, timeout=300, check=False)
+    self.assertEqual(proc.returncode, 0, proc.stderr)
+    (rec,) = [json.loads(l) for l in proc.stdout.splitlines()]
+    self.assertEqual((rec["bench"], rec["where"]), ("profile", "host"))
+    self.assertGreater(rec["busy_ms_per_step"], 0)
+    self.assertLen(rec["top_ops"], 5)
+    self.assertLessEqual(rec["matmul_ms_per_step"], rec["busy_ms_per_step"])
 
 
 if __name__ == "__main__":
