@@ -48,7 +48,8 @@ for path in sys.argv[1:]:
     print(r["bench"][:16].ljust(17), r["model"][:16].ljust(17), r["impl"].ljust(10),
           r["dtype"].ljust(9), str(r["batch"]).rjust(4), end=" ")
     if r["bench"] == "profile":
-      print(f"busy {r['busy_ms_per_step']:.2f} ms/step, matmul/conv {r['matmul_share']:.0%}; top: "
+      share = "n/a" if r["matmul_share"] is None else f"{r['matmul_share']:.0%}"
+      print(f"busy {r['busy_ms_per_step']:.2f} ms/step, matmul/conv {share}; top: "
             + ", ".join(f"{t['op'][:40]} {t['ms_per_step']:.2f}" for t in r["top_ops"][:5]))
     elif r["bench"] == "flops_vs_ceiling":
       print(f"train {r['train_flop_per_s'] / 1e12:.1f} TF/s, ceiling {r['ceiling_flop_per_s'] / 1e12:.1f} "

@@ -126,7 +126,7 @@ class ProfileTest(absltest.TestCase):
     self.assertEqual((rec["bench"], rec["where"]), ("profile", "host"))
     self.assertGreater(rec["busy_ms_per_step"], 0)
     self.assertLen(rec["top_ops"], 5)
-    self.assertLessEqual(rec["matmul_ms_per_step"], rec["busy_ms_per_step"])
+    self.assertIsNone(rec["matmul_share"])   # Not known from XLA:CPU's op names.
 
 
 if __name__ == "__main__":
