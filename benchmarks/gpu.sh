@@ -42,6 +42,8 @@ run imagenet_infer --model imagenet100_9l_l --infer-batch 32 --explain-batch 8 -
 import json, sys
 for path in sys.argv[1:]:
   for line in open(path):
+    if not line.startswith("{"):
+      continue
     r = json.loads(line)
     if r["bench"] == "summary":
       continue
@@ -52,9 +54,11 @@ for path in sys.argv[1:]:
       print(f"busy {r['busy_ms_per_step']:.2f} ms/step, matmul/conv {share}; top: "
             + ", ".join(f"{t['op'][:40]} {t['ms_per_step']:.2f}" for t in r["top_ops"][:5]))
     elif r["bench"] == "flops_vs_ceiling":
-      print(f"train {r['train_flop_per_s'] / 1e12:.1f} TF/s, ceiling {r['ceiling_flop_per_s'] / 1e12:.1f} "
+      train = "n/a" if r["train_flop_per_s"] is None else f"{r['train_flop_per_s'] / 1e12:.1f}"
+      frac = "n/a" if r["fraction"] is None else f"{r['fraction']:.3f}"
+      print(f"train {train} TF/s, ceiling {r['ceiling_flop_per_s'] / 1e12:.1f} "
             f"({r['ceiling_kind']}; conv {r['conv_flop_per_s'] / 1e12:.1f}, gemm {r['gemm_flop_per_s'] / 1e12:.1f}) "
-            f"fraction {r['fraction']:.3f}")
+            f"fraction {frac}")
     elif r["bench"] == "contributions":
       print(f"contrib {r['contributions_median_s'] * 1e3:.2f} ms / forward {r['forward_median_s'] * 1e3:.2f} ms "
             f"= {r['ratio']:.2f}x, {r['num_classes']} classes, peak {r['peak_bytes'] / 2**30:.2f} GiB")
