@@ -22,7 +22,6 @@ import sys
 import tempfile
 
 import jax
-import optax
 
 from benchmarks import common
 from benchmarks import train_step
@@ -83,15 +82,8 @@ def op_times(events: list[dict]) -> tuple[str, collections.Counter]:
 
 
 def run_one(args, c):
-  model, variables, x, y = common.build(args, c)
-  tx = optax.adam(1e-4)
-  state = [variables["params"], tx.init(variables["params"])]
-  compiled = train_step.make_step(model, tx).lower(state[0], state[1], x, y).compile()
-
-  def call():
-    state[0], state[1], loss = compiled(state[0], state[1], x, y)
-    loss.block_until_ready()
-
+  step = train_step.compiled_step(args, c)
+  model, x, call = step.model, step.images, step.call
   for _ in range(2):
     call()
   trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="codajax_trace_")

@@ -152,10 +152,13 @@ def main():
     print(json.dumps(s), flush=True)
   print(f"# suite: {time.perf_counter() - t:.0f} s", file=sys.stderr)
   for s in summary:
+    value = "n/a" if s["value"] is None else f"{s['value']:.3f}"
+    bound = "<=" if "memory" in s["target"] or "contributions" in s["target"] else ">="
+    verdict = {True: "met", False: "MISSED", None: "info"}[s["met"]]
+    if s["value"] is None:
+      verdict = "n/a"
     print(f"# {s['target']:44s} {s['impl']:12s} batch {s['batch']:4d} {s['dtype']:9s} "
-          f"{'n/a' if s['value'] is None else format(s['value'], '8.3f'):>8s}  ({'<=' if 'memory' in s['target'] or 'contributions' in s['target'] else '>='} "
-          f"{s['threshold']:.3f})  "
-          f"{'n/a' if s['value'] is None else 'MISSED' if s['met'] is False else 'met' if s['met'] else 'info'}", file=sys.stderr)
+          f"{value:>8s}  ({bound} {s['threshold']:.3f})  {verdict}", file=sys.stderr)
   if failures:
     sys.exit("benchmarks.run FAILED: " + "; ".join(failures))
 

@@ -15,6 +15,7 @@ measured interleaved with further steps in the same process.
 import argparse
 import statistics
 import time
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,18 @@ def make_step(model, tx):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def run_one(args, c):
+class Step(NamedTuple):
+  model: Any
+  images: jax.Array
+  traced: Any            # jax.stages.Traced, for the FLOP count.
+  lowered: Any
+  compiled: Any
+  compile_s: float       # Trace, lower and compile.
+  call: Callable[[], None]   # One step to completion, carrying the donated state.
+
+
+def compiled_step(args, c) -> Step:
+  """The configuration's training step, compiled, on synthetic data."""
   model, variables, x, y = common.build(args, c)
   tx = optax.adam(1e-4)
   state = [variables["params"], tx.init(variables["params"])]
@@ -46,13 +58,20 @@ def run_one(args, c):
   lowered = traced.lower()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t
-  counted = common.flops(traced, lowered)
-  flops = counted["flops"]
 
   def call():
     state[0], state[1], loss = compiled(state[0], state[1], x, y)
     loss.block_until_ready()
 
+  return Step(model, x, traced, lowered, compiled, compile_s, call)
+
+
+def run_one(args, c):
+  step = compiled_step(args, c)
+  model, x, compiled, compile_s, call = (step.model, step.images, step.compiled,
+                                         step.compile_s, step.call)
+  counted = common.flops(step.traced, step.lowered)
+  flops = counted["flops"]
   timing = common.warm_and_time(call, args.reps, args.budget_s)
   mem = common.peak_memory()   # Before anything else is allocated.
   med = timing["median_s"]

@@ -29,14 +29,20 @@ def _run(*flags: str, timeout: float = 300) -> subprocess.CompletedProcess:
 class RunTest(absltest.TestCase):
 
   def test_success_prints_json_records(self):
-    proc = _run("--parts", "inference", "--impl", "fused")
+    proc = _run("--parts", "inference", "train_step", "--impl", "fused", "--train-batch", "2")
     self.assertEqual(proc.returncode, 0, proc.stderr)
     records = [json.loads(l) for l in proc.stdout.splitlines()]
-    (rec,) = [r for r in records if r["bench"] == "inference"]
-    self.assertEqual((rec["model"], rec["batch"], rec["impl"]), ("tiny", 2, "fused"))
-    self.assertGreater(rec["img_per_s"], 0)
-    self.assertGreater(rec["peak_bytes"], 0)
-    self.assertIn("device", rec)
+    for bench in ("inference", "train_step"):
+      (rec,) = [r for r in records if r["bench"] == bench]
+      self.assertEqual((rec["model"], rec["batch"], rec["impl"]), ("tiny", 2, "fused"))
+      self.assertGreater(rec["img_per_s"], 0)
+      self.assertGreater(rec["peak_bytes"], 0)
+      self.assertGreater(rec["flops"], 0)
+      self.assertIn("device", rec)
+    (ceil,) = [r for r in records if r["bench"] == "flops_vs_ceiling"]
+    self.assertGreater(ceil["fraction"], 0)
+    (summary,) = [r for r in records if r["bench"] == "summary"]
+    self.assertEqual(summary["target"], "train_flop_per_s_over_ceiling")
 
   def test_a_failing_part_fails_the_suite(self):
     # The child's argparse rejects the dtype: exit 2 in the part.
