@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
 # The benchmark suite on one GPU, as issue 4 asks: CIFAR 9L-S at batch 256
 # and ImageNet-100 9L-L at batch 32 (240x240), fused, float32 and bfloat16,
-# with the FLOP/s fraction of the ceiling; inference and contributions too.
-# Needs only jax (with its CUDA plugin), flax, optax and numpy.
+# with the FLOP/s fraction of the ceiling; inference and contributions too;
+# and a per-kernel profile of the CIFAR step. Needs only jax (with its CUDA
+# plugin), flax, optax and numpy.
 #
-#   bash benchmarks/gpu.sh [OUT_DIR]     # JSON lines in OUT_DIR/*.jsonl
+#   bash benchmarks/gpu.sh [OUT_DIR [STAGE ...]]    # JSON lines in OUT_DIR/STAGE.jsonl
 #
-# Every part runs even if an earlier one failed; the exit status is non-zero
-# if any failed.
+# Stages, in order (default: all): cifar_train profile cifar_infer
+# imagenet_train imagenet_infer. On an H200 each process spends 25-95 s
+# compiling, so all of them take about 15 minutes: run them in pieces where
+# a call is limited to less. Every stage runs even if an earlier one failed;
+# the exit status is non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-benchmark_results}}"
+shift $(( $# > 0 ? 1 : 0 ))
+all=(cifar_train profile cifar_infer imagenet_train imagenet_infer)
+stages=("${@:-${all[@]}}")
+for s in "${stages[@]}"; do
+  [[ " ${all[*]} " == *" $s "* ]] || { echo "gpu.sh: unknown stage '$s'; stages: ${all[*]}" >&2; exit 2; }
+done
 mkdir -p "$out"
 py="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 status=0
-run() {   # run NAME ARGS...: one benchmarks.run invocation, logged.
+wanted() { [[ " ${stages[*]} " == *" $1 "* ]]; }
+run() {   # run NAME ARGS...: one benchmarks.run invocation, logged, if NAME is wanted.
   local name="$1"; shift
+  wanted "$name" || return 0
   echo "=== $name: benchmarks.run $*" >&2
   "$py" -m benchmarks.run "$@" --part-timeout-s 360 >"$out/$name.jsonl" || status=1
 }
@@ -27,9 +39,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv 2>
 run cifar_train --train-batch 256 --impl fused fused_conv --dtype float32 bfloat16 \
   --reps 20 --budget-s 20 --parts train_step
 # Where the CIFAR step's time goes (kernels by name; the traces go to a temporary folder).
-echo "=== profile: benchmarks.profile" >&2
-"$py" -m benchmarks.profile --batch 256 --impl fused --dtype float32 bfloat16 --steps 3 \
-  >"$out/profile.jsonl" || status=1
+if wanted profile; then
+  echo "=== profile: benchmarks.profile" >&2
+  "$py" -m benchmarks.profile --batch 256 --impl fused --dtype float32 bfloat16 --steps 3 \
+    >"$out/profile.jsonl" || status=1
+fi
 run cifar_infer --infer-batch 256 --explain-batch 64 --impl fused --dtype float32 bfloat16 \
   --reps 20 --budget-s 20 --parts inference contributions
 # ImageNet-100 9L-L, batch 32 at 240x240.
