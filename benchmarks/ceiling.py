@@ -10,8 +10,10 @@ to (benchmarks.train_step measures both in its own process).
   python -m benchmarks.ceiling --batch 16 64
 """
 
+import functools
 import statistics
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,26 +51,33 @@ def ceiling_fns(layer: dict, batch: int, dtype) -> dict:
           "flops": 3 * 2 * m * d * n_out}
 
 
-def measure(layer: dict, batch: int, dtype, reps: int) -> dict:
-  """Median FLOP/s of conv and GEMM fwd+bwd, interleaved, plus the ceiling."""
+def measure(layer: dict, batch: int, dtype, reps: int,
+            also: dict[str, Callable[[], Any]] | None = None) -> dict:
+  """Median FLOP/s of conv and GEMM fwd+bwd, interleaved, plus the ceiling.
+
+  `also`: further blocking calls timed in the same rounds, after the two
+  (e.g. training steps, so that they see the same load); their medians come
+  back as "<name>_median_s". "reps" is the number of rounds.
+  """
   fns = ceiling_fns(layer, batch, dtype)
   calls = {}
   for name in ("conv", "gemm"):
     fn, a = fns[name]
     compiled = fn.lower(*a).compile()
     jax.block_until_ready(compiled(*a))
-    calls[name] = (compiled, a)
+    calls[name] = functools.partial(lambda c, a: jax.block_until_ready(c(*a)), compiled, a)
+  calls.update(also or {})
   times = {name: [] for name in calls}
   for _ in range(max(1, reps)):
-    for name, (compiled, a) in calls.items():
+    for name, call in calls.items():
       t = time.perf_counter()
-      jax.block_until_ready(compiled(*a))
+      call()
       times[name].append(time.perf_counter() - t)
-  out = {"ceiling_layer": layer, "ceiling_flops": fns["flops"]}
+  out = {"ceiling_layer": layer, "ceiling_flops": fns["flops"], "reps": max(1, reps)}
   for name in calls:
-    med = statistics.median(times[name])
-    out[f"{name}_median_s"] = med
-    out[f"{name}_flop_per_s"] = fns["flops"] / med
+    out[f"{name}_median_s"] = statistics.median(times[name])
+  for name in ("conv", "gemm"):
+    out[f"{name}_flop_per_s"] = fns["flops"] / out[f"{name}_median_s"]
   out["ceiling_flop_per_s"] = max(out["conv_flop_per_s"], out["gemm_flop_per_s"])
   out["ceiling_kind"] = "conv" if out["conv_flop_per_s"] >= out["gemm_flop_per_s"] else "gemm"
   return out

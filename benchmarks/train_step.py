@@ -13,7 +13,6 @@ measured interleaved with further steps in the same process.
 """
 
 import argparse
-import statistics
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -84,33 +83,17 @@ def run_one(args, c):
     return
   # (d): ceiling and further steps, interleaved, so that both see the same load.
   layer = common.dominant_layer(model, x.shape[1])
-  fns = ceiling.ceiling_fns(layer, c["batch"], jnp.dtype(c["dtype"]))
-  ceil_calls = {}
-  for name in ("conv", "gemm"):
-    fn, a = fns[name]
-    cc = fn.lower(*a).compile()
-    jax.block_until_ready(cc(*a))
-    ceil_calls[name] = (cc, a)
-  times = {"train": [], "conv": [], "gemm": []}
-  for _ in range(max(1, args.ceiling_reps)):
-    for name, (cc, a) in ceil_calls.items():
-      t = time.perf_counter()
-      jax.block_until_ready(cc(*a))
-      times[name].append(time.perf_counter() - t)
-    t = time.perf_counter()
-    call()
-    times["train"].append(time.perf_counter() - t)
-  med = {k: statistics.median(v) for k, v in times.items()}
-  conv, gemm = fns["flops"] / med["conv"], fns["flops"] / med["gemm"]
-  ceil = max(conv, gemm)
-  train = flops / med["train"] if flops else None
+  m = ceiling.measure(layer, c["batch"], jnp.dtype(c["dtype"]), args.ceiling_reps,
+                      also={"train": call})
+  ceil = m["ceiling_flop_per_s"]
+  train = flops / m["train_median_s"] if flops else None
   common.emit(common.record(
       "flops_vs_ceiling", args, c, model, x, layer=layer, train_flops=flops,
-      train_median_s=med["train"], train_flop_per_s=train,
-      ceiling_flops=fns["flops"], conv_flop_per_s=conv, gemm_flop_per_s=gemm,
-      ceiling_flop_per_s=ceil, ceiling_kind="conv" if conv >= gemm else "gemm",
-      fraction=train / ceil if train else None,
-      reps=len(times["train"])))
+      train_median_s=m["train_median_s"], train_flop_per_s=train,
+      ceiling_flops=m["ceiling_flops"], conv_flop_per_s=m["conv_flop_per_s"],
+      gemm_flop_per_s=m["gemm_flop_per_s"], ceiling_flop_per_s=ceil,
+      ceiling_kind=m["ceiling_kind"], fraction=train / ceil if train else None,
+      reps=m["reps"]))
 
 
 def main():
