@@ -12,17 +12,19 @@ one forward pass: the forward keeps only the layer inputs, and the sweep
 recomputes each layer's matrix from its input while passing through it, so at
 most one layer's matrix is alive at a time.
 
-This module uses no autodiff: the transposes are written out (`dau.fold`,
-`dau.transpose_layer`).
+This module uses no autodiff: the transposes are written out (`dau.transpose`,
+computed by `dau_fused.transpose` or `dau_fused.transpose_materialized`,
+whichever costs less; the fused forward's custom VJP serves training only).
 """
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from codajax import dau
+from codajax import dau_fused
 from codajax import models
 
 
@@ -83,21 +85,23 @@ def explain(model: models.CoDANet, variables, x: jax.Array, classes=None,
   g = jax.nn.one_hot(classes, model.num_classes, dtype=jnp.float32) / model.temperature
   g = jnp.broadcast_to(jnp.swapaxes(g, 1, 2)[:, None, None],
                        (n, h_out, w_out, model.num_classes, classes.shape[1]))
+  specs = models.layer_specs(model)
   for l in reversed(range(layer, num_layers)):
     # Layer l's w, if materialised, exists only inside this iteration: the
     # peak memory is one layer's w (on CPU, of one image at a time).
     cost_materialised, cost_fused = _composition_costs(
         model, l, inputs[l].shape[-1], classes.shape[1])
-    g = model.apply(variables, inputs[l], g, l, cost_fused < cost_materialised,
-                    method=models.CoDANet.layer_transpose)
+    pull = (dau_fused.transpose if cost_fused < cost_materialised
+            else dau_fused.transpose_materialized)
+    g = pull(variables["params"][f"layer_{l}"], specs[l], inputs[l].astype(model.dtype), g)
   return Explanation(jnp.moveaxis(g, -1, 1), inputs[layer], logits, classes)
 
 
 def _composition_costs(model, l: int, in_channels: int, k: int) -> tuple[int, int]:
   """Multiply-adds per output position to compose K = k rows through layer l.
 
-  With d = C_in*k*k, R the rank, and 1/n(w) from zb (`dau.squared_norms`) in both (it
-  scales g: g . (w/n) = (g/n) . w):
+  With d = C_in*k*k, R the rank, and 1/n(w) from zb
+  (`squared_norm.squared_norms`) in both (it scales g: g . (w/n) = (g/n) . w):
     materialised: w = [A|b] zb, (R+1)*C_out*d, then (g/n) . w, K*C_out*d;
     fused: the transposed conv of (g/n) (x) zb with the layer's kernel,
       K*(R+1)*C_out*d, never forming w.

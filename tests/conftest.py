@@ -32,9 +32,28 @@ if str(_ROOT) not in sys.path:
   sys.path.insert(0, str(_ROOT))
 
 import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
 
 jax.config.update("jax_num_cpu_devices", _NUM_DEVICES)
 # Tests compare independent float32 computations (e.g. explicit composition vs
 # autodiff); default (bf16-pass) matmuls on some backends would need loose
 # tolerances that hide real errors.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture
+def perturbed_init():
+  """init(model, shape, seed=0, scale=0.05): the model's initial variables plus
+  noise, so that the bias b is not zero (it is initialised to 0)."""
+
+  def init(model, shape, seed=0, scale=0.05):
+    x = jnp.zeros((1, *shape[1:]), jnp.float32)
+    variables = jax.jit(model.init)(jax.random.key(seed), x)
+    leaves, tree = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree.unflatten(tree, [
+        l + scale * jnp.std(l + 1.0) * jax.random.normal(k, l.shape)
+        for l, k in zip(leaves, keys)])
+
+  return init

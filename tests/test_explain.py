@@ -1,16 +1,17 @@
 """Tests for codajax.explain: completeness, agreement with autodiff, jit, shapes.
 
-The reference in this file is an independent forward of a CoDA-Net written
-from the parameters alone (its own patch extraction, no codajax.dau), with the
-normalised dynamic weights w / n(w) computed from the actual input and then
-frozen with stop_gradient. Its Jacobian is, by definition, the linear map that
-explain.py builds by explicit composition.
+The main reference in this file is an independent forward of a CoDA-Net
+written from the parameters alone (its own patch extraction, no codajax.dau),
+with the normalised dynamic weights w / n(w) computed from the actual input
+and then frozen with stop_gradient. Its Jacobian is, by definition, the linear
+map that explain.py builds by explicit composition. A second one composes
+every layer's full matrix with the reference layer's transpose (`dau.transpose`).
 """
 
 import functools
+import pathlib
+import re
 
-from absl.testing import absltest
-from absl.testing import parameterized
 import chex
 import hypothesis
 from hypothesis import strategies as st
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from codajax import dau
 from codajax import explain
 from codajax import models
 
@@ -115,7 +117,7 @@ def four_layer(norm):
 
 
 # ----------------------------------------------------------------------------
-# (a) Completeness.
+# Completeness.
 # ----------------------------------------------------------------------------
 
 
@@ -131,50 +133,47 @@ def _contribution_sums(model, variables, x, shared, per_image):
   return model.apply(variables, x), sums
 
 
-class CompletenessTest(chex.TestCase):
+@pytest.mark.parametrize("norm", NORMS)
+def test_contributions_sum_to_logit_minus_bias(norm):
+  model = four_layer(norm)
+  x = images((3, 11, 9, 2))
+  variables = init(model, x.shape)
+  shared = jnp.array([3, 0, 3])                      # With a repeat.
+  per_image = jnp.array([[1, 2], [0, 0], [3, 1]])
+  logits, sums = _contribution_sums(model, variables, x, shared, per_image)
+  target = logits - model.logit_bias
+  scale = float(jnp.max(jnp.abs(target)))
+  assert scale > 1e-2  # Otherwise the check below is vacuous.
+  for layer in range(model.num_layers):
+    chosen = (target[:, shared] if layer % 2 == 0
+              else jnp.take_along_axis(target, per_image, axis=1))
+    for got, want in zip(sums[layer], (target, chosen)):
+      chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5 * scale,
+                                  custom_message=f"layer {layer}")
 
-  @parameterized.parameters(*NORMS)
-  def test_contributions_sum_to_logit_minus_bias(self, norm):
-    model = four_layer(norm)
-    x = images((3, 11, 9, 2))
-    variables = init(model, x.shape)
-    shared = jnp.array([3, 0, 3])                      # With a repeat.
-    per_image = jnp.array([[1, 2], [0, 0], [3, 1]])
-    logits, sums = _contribution_sums(model, variables, x, shared, per_image)
-    target = logits - model.logit_bias
-    scale = float(jnp.max(jnp.abs(target)))
-    self.assertGreater(scale, 1e-2)  # Otherwise the check below is vacuous.
-    for layer in range(model.num_layers):
-      chosen = (target[:, shared] if layer % 2 == 0
-                else jnp.take_along_axis(target, per_image, axis=1))
-      for got, want in zip(sums[layer], (target, chosen)):
-        chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5 * scale,
-                                    custom_message=f"layer {layer}")
 
-  def test_explanation_fields_match_forward(self):
-    model = four_layer("squash")
-    x = images((2, 11, 9, 2), seed=3)
-    variables = init(model, x.shape)
+def test_explanation_fields_match_forward():
+  model = four_layer("squash")
+  x = images((2, 11, 9, 2), seed=3)
+  variables = init(model, x.shape)
 
-    @jax.jit
-    def run(variables, x):
-      e = explain.explain(model, variables, x, jnp.array([2]), layer=2)
-      inputs, _ = model.apply(variables, x, method=models.CoDANet.layer_inputs)
-      e_0 = explain.explain(model, variables, x, jnp.array([1]), layer=0)
-      return e, e.contributions, inputs[2], model.apply(variables, x), e_0
+  @jax.jit
+  def run(variables, x):
+    e = explain.explain(model, variables, x, jnp.array([2]), layer=2)
+    inputs, _ = model.apply(variables, x, method=models.CoDANet.layer_inputs)
+    e_0 = explain.explain(model, variables, x, jnp.array([1]), layer=0)
+    return e, e.contributions, inputs[2], model.apply(variables, x), e_0
 
-    e, contributions, input_2, logits, e_0 = run(variables, x)
-    chex.assert_trees_all_close(e_0.layer_input,
-                                jnp.concatenate([x, 1.0 - x], axis=-1))
-    chex.assert_trees_all_close(e.logits, logits, rtol=1e-6)
-    chex.assert_trees_all_close(e.layer_input, input_2, rtol=1e-6)
-    np.testing.assert_array_equal(e.classes, [[2], [2]])
-    chex.assert_trees_all_close(contributions, e.linear_map * input_2[:, None],
-                                rtol=1e-6)
+  e, contributions, input_2, logits, e_0 = run(variables, x)
+  chex.assert_trees_all_close(e_0.layer_input, jnp.concatenate([x, 1.0 - x], axis=-1))
+  chex.assert_trees_all_close(e.logits, logits, rtol=1e-6)
+  chex.assert_trees_all_close(e.layer_input, input_2, rtol=1e-6)
+  np.testing.assert_array_equal(e.classes, [[2], [2]])
+  chex.assert_trees_all_close(contributions, e.linear_map * input_2[:, None], rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------
-# (b) Explicit composition == Jacobian with frozen dynamic weights.
+# Explicit composition == Jacobian with frozen dynamic weights.
 # ----------------------------------------------------------------------------
 
 
@@ -211,60 +210,60 @@ _GRID = [(1, 1, 0), (1, 2, 0), (1, 3, 0),
          (5, 1, 0), (5, 2, 1), (5, 3, 2)]
 
 
-class LinearMapVsAutodiffTest(chex.TestCase):
+# The varied layer and a 1x1 classifier on an 11x9 image; deeper stacks and
+# intermediate layers are covered by test_every_layer and the random ones.
+# Classes alternate between a shared (K,) array and a per-image (N, K) one.
+@pytest.mark.parametrize("k,s,p,norm,per_image", [
+    pytest.param(k, s, p, NORMS[i % 2], i % 3 == 0, id=f"k{k}_s{s}_p{p}_{NORMS[i % 2]}")
+    for i, (k, s, p) in enumerate(_GRID)])
+def test_linear_map_equals_frozen_jacobian(k, s, p, norm, per_image):
+  model = make_model((4, 3), (3, 2), (k, 1), (s, 1), (p, 0), norm)
+  x = images((2, 11, 9, 2), seed=k * 10 + s)
+  classes = jnp.array([[2, 0], [1, 1]]) if per_image else jnp.array([2, 0])
+  _check_against_autodiff(model, x, classes, layers=(0,))
 
-  # The varied layer and a 1x1 classifier on an 11x9 image; deeper stacks and
-  # intermediate layers are covered by test_every_layer and the random ones.
-  # Classes alternate between a shared (K,) array and a per-image (N, K) one.
-  @parameterized.named_parameters(
-      (f"k{k}_s{s}_p{p}_{NORMS[i % 2]}", k, s, p, NORMS[i % 2], i % 3 == 0)
-      for i, (k, s, p) in enumerate(_GRID))
-  def test_linear_map_equals_frozen_jacobian(self, k, s, p, norm, per_image):
-    model = make_model((4, 3), (3, 2), (k, 1), (s, 1), (p, 0), norm)
-    x = images((2, 11, 9, 2), seed=k * 10 + s)
-    classes = jnp.array([[2, 0], [1, 1]]) if per_image else jnp.array([2, 0])
-    _check_against_autodiff(model, x, classes, layers=(0,))
 
-  @hypothesis.settings(max_examples=6, deadline=None, derandomize=True,
-                       suppress_health_check=[hypothesis.HealthCheck.too_slow,
-                                              hypothesis.HealthCheck.filter_too_much])
-  @hypothesis.given(data=st.data())
-  def test_random_architectures(self, data):
-    num_layers = data.draw(st.integers(1, 3), label="num_layers")
-    kernels = [data.draw(st.sampled_from((1, 3, 5))) for _ in range(num_layers)]
-    strides = [data.draw(st.sampled_from((1, 2, 3))) for _ in range(num_layers)]
-    paddings = [data.draw(st.integers(0, k // 2)) for k in kernels]
-    ranks = [data.draw(st.integers(1, 4)) for _ in range(num_layers)]
-    channels = [data.draw(st.integers(1, 4)) for _ in range(num_layers)]
-    norm = data.draw(st.sampled_from(NORMS), label="norm")
-    shape = (2, data.draw(st.integers(5, 13)), data.draw(st.integers(5, 13)),
-             data.draw(st.integers(1, 3)))
-    model = make_model(channels, ranks, kernels, strides, paddings, norm)
-    try:
-      models.check_input_shape(model, shape)
-      fits = True
-    except ValueError:
-      fits = False
-    hypothesis.assume(fits)
-    layer = data.draw(st.integers(0, num_layers - 1), label="layer")
-    classes_shape = data.draw(st.sampled_from(((1,), (3,), (2, 1), (2, 2))),
-                              label="classes_shape")
-    classes = np.array(data.draw(
-        st.lists(st.integers(0, channels[-1] - 1),
-                 min_size=int(np.prod(classes_shape)),
-                 max_size=int(np.prod(classes_shape))))).reshape(classes_shape)
-    seed = data.draw(st.integers(0, 1000), label="seed")
-    _check_against_autodiff(model, images(shape, seed), jnp.asarray(classes),
-                            layers=(layer,), seed=seed)
+@hypothesis.settings(max_examples=6, deadline=None, derandomize=True,
+                     suppress_health_check=[hypothesis.HealthCheck.too_slow,
+                                            hypothesis.HealthCheck.filter_too_much])
+@hypothesis.given(data=st.data())
+def test_random_architectures(data):
+  num_layers = data.draw(st.integers(1, 3), label="num_layers")
+  kernels = [data.draw(st.sampled_from((1, 3, 5))) for _ in range(num_layers)]
+  strides = [data.draw(st.sampled_from((1, 2, 3))) for _ in range(num_layers)]
+  paddings = [data.draw(st.integers(0, k // 2)) for k in kernels]
+  ranks = [data.draw(st.integers(1, 4)) for _ in range(num_layers)]
+  channels = [data.draw(st.integers(1, 4)) for _ in range(num_layers)]
+  norm = data.draw(st.sampled_from(NORMS), label="norm")
+  shape = (2, data.draw(st.integers(5, 13)), data.draw(st.integers(5, 13)),
+           data.draw(st.integers(1, 3)))
+  model = make_model(channels, ranks, kernels, strides, paddings, norm)
+  try:
+    models.check_input_shape(model, shape)
+    fits = True
+  except ValueError:
+    fits = False
+  hypothesis.assume(fits)
+  layer = data.draw(st.integers(0, num_layers - 1), label="layer")
+  classes_shape = data.draw(st.sampled_from(((1,), (3,), (2, 1), (2, 2))),
+                            label="classes_shape")
+  classes = np.array(data.draw(
+      st.lists(st.integers(0, channels[-1] - 1),
+               min_size=int(np.prod(classes_shape)),
+               max_size=int(np.prod(classes_shape))))).reshape(classes_shape)
+  seed = data.draw(st.integers(0, 1000), label="seed")
+  _check_against_autodiff(model, images(shape, seed), jnp.asarray(classes),
+                          layers=(layer,), seed=seed)
 
-  def test_every_layer(self):
-    # Kernels 3/1/3/1, strides 2/1/3/1; the grid above alternates the norms.
-    _check_against_autodiff(four_layer("l2"), images((2, 11, 9, 2), seed=5),
-                            jnp.array([[3, 1], [0, 3]]), layers=(0, 1, 2, 3))
+
+def test_every_layer():
+  # Kernels 3/1/3/1, strides 2/1/3/1; the grid above alternates the norms.
+  _check_against_autodiff(four_layer("l2"), images((2, 11, 9, 2), seed=5),
+                          jnp.array([[3, 1], [0, 3]]), layers=(0, 1, 2, 3))
 
 
 # ----------------------------------------------------------------------------
-# (d) jit.
+# jit.
 # ----------------------------------------------------------------------------
 
 
@@ -286,49 +285,49 @@ def _two_layer():
   return make_model((6, 5), (3, 2), (3, 1), (2, 1), (1, 0), "squash")
 
 
-class JitTest(chex.TestCase):
+@pytest.fixture(name="case")
+def _case():
+  chex.clear_trace_counter()
+  model = _two_layer()
+  x = images((2, 11, 9, 3), seed=7)
+  return model, x, init(model, x.shape, seed=7)
 
-  def setUp(self):
-    super().setUp()
-    chex.clear_trace_counter()
-    self.model = _two_layer()
-    self.x = images((2, 11, 9, 3), seed=7)
-    self.variables = init(self.model, self.x.shape, seed=7)
 
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_contribution_maps_same_with_and_without_jit(self):
-    classes = jnp.array([[4, 0], [1, 1]])
-    # The model is static (bound here); variables, x and classes are traced.
-    # Both variants must match the same jitted reference tightly, so they agree
-    # with each other to 2e-5.
-    maps = self.variant(functools.partial(_maps, self.model))(
-        self.variables, self.x, classes)
-    expected = _ref_maps(self.model, self.variables, self.x, classes)
-    for layer in range(self.model.num_layers):
-      scale = float(jnp.max(jnp.abs(expected[layer])))
-      chex.assert_trees_all_close(maps[layer], expected[layer], rtol=1e-5,
-                                  atol=1e-6 * scale,
-                                  custom_message=f"layer {layer}")
+@pytest.mark.parametrize("with_jit", [True, False])
+def test_contribution_maps_same_with_and_without_jit(case, with_jit):
+  model, x, variables = case
+  classes = jnp.array([[4, 0], [1, 1]])
+  # The model is static (bound here); variables, x and classes are traced.
+  # Both variants must match the same jitted reference tightly, so they agree
+  # with each other to 2e-5.
+  fn = functools.partial(_maps, model)
+  maps = (jax.jit(fn) if with_jit else fn)(variables, x, classes)
+  expected = _ref_maps(model, variables, x, classes)
+  for layer in range(model.num_layers):
+    scale = float(jnp.max(jnp.abs(expected[layer])))
+    chex.assert_trees_all_close(maps[layer], expected[layer], rtol=1e-5, atol=1e-6 * scale,
+                                custom_message=f"layer {layer}")
 
-  def test_linear_map_does_not_retrace(self):
 
-    @functools.partial(jax.jit, static_argnames=("model", "layer"))
-    @chex.assert_max_traces(n=1)
-    def fn(model, variables, x, classes, layer):
-      return explain.linear_map(model, variables, x, classes, layer)
+def test_linear_map_does_not_retrace(case):
+  model, x, variables = case
 
-    first = fn(self.model, self.variables, self.x, jnp.array([0, 3]), layer=1)
-    x2 = images(self.x.shape, seed=8)
-    v2 = init(self.model, x2.shape, seed=8)
-    c2 = jnp.array([4, 2])
-    # New values, same shapes: with the same model object and an equal new one.
-    second = fn(self.model, v2, x2, c2, layer=1)
-    third = fn(_two_layer(), v2, x2, c2, layer=1)
-    expected = jax.jit(explain.linear_map, static_argnums=(0, 4))(
-        self.model, v2, x2, c2, 1)
-    chex.assert_trees_all_close(second, expected, rtol=1e-6, atol=1e-8)
-    chex.assert_trees_all_close(third, expected, rtol=1e-6, atol=1e-8)
-    self.assertFalse(np.allclose(first, second))  # Not a stale result.
+  @functools.partial(jax.jit, static_argnames=("model", "layer"))
+  @chex.assert_max_traces(n=1)
+  def fn(model, variables, x, classes, layer):
+    return explain.linear_map(model, variables, x, classes, layer)
+
+  first = fn(model, variables, x, jnp.array([0, 3]), layer=1)
+  x2 = images(x.shape, seed=8)
+  v2 = init(model, x2.shape, seed=8)
+  c2 = jnp.array([4, 2])
+  # New values, same shapes: with the same model object and an equal new one.
+  second = fn(model, v2, x2, c2, layer=1)
+  third = fn(_two_layer(), v2, x2, c2, layer=1)
+  expected = jax.jit(explain.linear_map, static_argnums=(0, 4))(model, v2, x2, c2, 1)
+  chex.assert_trees_all_close(second, expected, rtol=1e-6, atol=1e-8)
+  chex.assert_trees_all_close(third, expected, rtol=1e-6, atol=1e-8)
+  assert not np.allclose(first, second)  # Not a stale result.
 
 
 # ----------------------------------------------------------------------------
@@ -336,51 +335,44 @@ class JitTest(chex.TestCase):
 # ----------------------------------------------------------------------------
 
 
-class ShapeTest(chex.TestCase):
-
-  def setUp(self):
-    super().setUp()
-    self.model = models.tiny(num_classes=7)  # kernels 3/3/1, strides 1/2/1.
-    self.x = jax.ShapeDtypeStruct((2, 11, 9, 3), jnp.float32)
-    self.variables = jax.eval_shape(self.model.init, jax.random.key(0), self.x)
-
-  def _shape(self, fn, classes, layer):
-    return jax.eval_shape(
-        lambda v, x: fn(self.model, v, x, classes, layer), self.variables,
-        self.x).shape
-
-  @parameterized.parameters(
-      # layer, classes, (H_l, W_l, C_l), K.
-      (0, None, (11, 9, 6), 7),           # C_0 = 2C.
-      (1, np.array([3]), (11, 9, 8), 1),
-      (2, np.array([[1, 2, 6], [0, 0, 5]]), (6, 5, 8), 3),
-  )
-  def test_shapes(self, layer, classes, hwc, k):
-    self.assertEqual(self._shape(explain.linear_map, classes, layer), (2, k, *hwc))
-    self.assertEqual(self._shape(explain.contributions, classes, layer),
-                     (2, k, *hwc))
-    self.assertEqual(self._shape(explain.contribution_maps, classes, layer),
-                     (2, k, *hwc[:2]))
-    self.assertEqual(models.layer_shapes(self.model, self.x.shape)[layer], hwc)
-
-  @parameterized.parameters(-1, 3, 10)
-  def test_bad_layer_raises(self, layer):
-    with self.assertRaisesRegex(ValueError, r"layer must be in \[0, 2\]"):
-      self._shape(explain.linear_map, None, layer)
-
-  @parameterized.named_parameters(
-      ("scalar", np.array(3)),
-      ("wrong_batch", np.zeros((3, 2), np.int32)),
-      ("rank_3", np.zeros((2, 1, 1), np.int32)),
-      ("float", np.array([1.0, 2.0])),
-  )
-  def test_bad_classes_raises(self, classes):
-    with self.assertRaisesRegex(ValueError, "classes must"):
-      self._shape(explain.linear_map, classes, 0)
+_SHAPE_MODEL = models.tiny(num_classes=7)  # kernels 3/3/1, strides 1/2/1.
+_SHAPE_X = jax.ShapeDtypeStruct((2, 11, 9, 3), jnp.float32)
 
 
-if __name__ == "__main__":
-  absltest.main()
+def _shape(fn, classes, layer):
+  variables = jax.eval_shape(_SHAPE_MODEL.init, jax.random.key(0), _SHAPE_X)
+  return jax.eval_shape(lambda v, x: fn(_SHAPE_MODEL, v, x, classes, layer), variables,
+                        _SHAPE_X).shape
+
+
+@pytest.mark.parametrize("layer,classes,hwc,k", [
+    # layer, classes, (H_l, W_l, C_l), K.
+    (0, None, (11, 9, 6), 7),           # C_0 = 2C.
+    (1, np.array([3]), (11, 9, 8), 1),
+    (2, np.array([[1, 2, 6], [0, 0, 5]]), (6, 5, 8), 3),
+])
+def test_shapes(layer, classes, hwc, k):
+  assert _shape(explain.linear_map, classes, layer) == (2, k, *hwc)
+  assert _shape(explain.contributions, classes, layer) == (2, k, *hwc)
+  assert _shape(explain.contribution_maps, classes, layer) == (2, k, *hwc[:2])
+  assert models.layer_shapes(_SHAPE_MODEL, _SHAPE_X.shape)[layer] == hwc
+
+
+@pytest.mark.parametrize("layer", [-1, 3, 10])
+def test_bad_layer_raises(layer):
+  with pytest.raises(ValueError, match=r"layer must be in \[0, 2\]"):
+    _shape(explain.linear_map, None, layer)
+
+
+@pytest.mark.parametrize("classes", [
+    pytest.param(np.array(3), id="scalar"),
+    pytest.param(np.zeros((3, 2), np.int32), id="wrong_batch"),
+    pytest.param(np.zeros((2, 1, 1), np.int32), id="rank_3"),
+    pytest.param(np.array([1.0, 2.0]), id="float"),
+])
+def test_bad_classes_raises(classes):
+  with pytest.raises(ValueError, match="classes must"):
+    _shape(explain.linear_map, classes, 0)
 
 
 def test_out_of_range_classes_are_rejected():
@@ -390,3 +382,66 @@ def test_out_of_range_classes_are_rejected():
   for bad in ([10], [-1], [[0], [10]]):
     with pytest.raises(ValueError, match="classes must be in"):
       explain.linear_map(model, variables, x, jnp.array(bad))
+
+
+def test_empty_batch_raises_one_clear_error():
+  model = models.tiny()
+  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  with pytest.raises(ValueError, match="batch of 0 images"):
+    jax.eval_shape(lambda v, x: explain.contributions(model, v, x), variables,
+                   jnp.zeros((0, 8, 8, 3)))
+
+
+# ----------------------------------------------------------------------------
+# The sweep against every layer's full matrix; the cost rule.
+# ----------------------------------------------------------------------------
+
+
+def _reference_linear_map(model, variables, x, classes):
+  """The composition written with every layer's full matrix (`dau.transpose`)."""
+  inputs, _ = model.apply(variables, x, method=models.CoDANet.layer_inputs)
+  specs = models.layer_specs(model)
+  h, w = models.layer_shapes(model, x.shape)[-1][:2]
+  g = jax.nn.one_hot(classes, model.num_classes) / model.temperature   # (N, K, C)
+  g = jnp.broadcast_to(jnp.swapaxes(g, 1, 2)[:, None, None],
+                       (x.shape[0], h, w, model.num_classes, classes.shape[1]))
+  for l in reversed(range(model.num_layers)):
+    g = dau.transpose(variables["params"][f"layer_{l}"], specs[l], inputs[l], g)
+  return jnp.moveaxis(g, -1, 1)
+
+
+@pytest.mark.parametrize("preset,size,classes", [
+    ("cifar10_9l_s", 32, None),   # All classes (the materialised path).
+    ("tiny", 12, [3]),            # One class: the fused transposed path.
+    ("tiny", 12, [[2, 1], [0, 3]])])
+def test_sweep_equals_full_matrices_and_is_complete(preset, size, classes, perturbed_init):
+  shape = (2, size, size, 3)
+  model = models.PRESETS[preset](temperature=10.0)
+  variables = perturbed_init(model, shape)
+  x = jax.random.uniform(jax.random.key(4), shape)
+  cls = None if classes is None else jnp.asarray(classes)
+  e = jax.jit(lambda v, x: explain.explain(model, v, x, cls))(variables, x)
+  ref = jax.jit(lambda v, x: _reference_linear_map(model, v, x, e.classes))(variables, x)
+  assert _rel(e.linear_map, ref) < 1e-5
+  totals = jnp.sum(e.contributions, axis=(2, 3, 4))
+  target = jnp.take_along_axis(e.logits, e.classes, axis=1) - model.logit_bias
+  np.testing.assert_allclose(totals, target, rtol=1e-4, atol=1e-5)
+
+
+def _rel(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def test_cost_rule_picks_fused_only_for_one_row():
+  model = models.cifar10_9l_s()
+  for l, c_in in enumerate((6, 16, 16, 32, 32, 32, 64, 64, 64)):
+    for k in (1, 2, 10):
+      mat, fused = explain._composition_costs(model, l, c_in, k)  # pylint: disable=protected-access
+      assert (fused < mat) == (k == 1), (l, k)
+
+
+def test_explain_uses_no_autodiff():
+  source = pathlib.Path(explain.__file__).read_text()
+  assert re.search(
+      r"jax\.(grad|vjp|jacrev|jacfwd|linear_transpose)|custom_vjp|value_and_grad", source) is None
