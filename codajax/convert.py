@@ -232,7 +232,7 @@ def convert_checkpoint(torch_checkpoint: str, config, workdir: str) -> str:
   model = models.from_config(config.model)
   state_dict = load_torch_state_dict(torch_checkpoint)
   variables = from_torch_state_dict(model, state_dict)
-  check_forward(model, variables, int(config.get("image_size", 32)))
+  check_forward(model, variables, int(config.image_size))
   from codajax import checkpoint  # pylint: disable=g-import-not-at-top
   meta = {"source": os.path.abspath(torch_checkpoint), "model": config.model.to_dict()}
   return checkpoint.save_imported(workdir, variables["params"], meta)

@@ -17,6 +17,7 @@ mask = 0.
 import dataclasses
 import functools
 import gzip
+import json
 import logging
 import math
 import os
@@ -168,7 +169,6 @@ def _subset_counts(builder, config):
     raise DataError(
         f"Missing {path}: the class-subset sizes are counted once by "
         "python -m codajax.prepare --config <this config>.")
-  import json  # pylint: disable=g-import-not-at-top
   with open(path) as f:
     return json.load(f)
 
@@ -182,7 +182,7 @@ def get_info(config) -> DatasetInfo:
     num_classes = info.features["label"].num_classes
     names = tuple(info.features["label"].names)
     channels = info.features["image"].shape[-1] or 3
-    if config.get("class_subset"):
+    if config.class_subset:
       counts = _subset_counts(builder, config)
       num_train, num_test = counts[config.train_split], counts[config.test_split]
       num_classes, names = config.class_subset, names[:config.class_subset]
@@ -214,7 +214,7 @@ def _host_dataset(config, split: str, train: bool, shuffle_seed=None) -> tf.data
     ds = builder.as_dataset(split=host_split, shuffle_files=shuffle_seed is not None,
                             read_config=read_config)
     ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
-    if config.get("class_subset") and train:
+    if config.class_subset and train:
       ds = ds.filter(lambda ex: ex["label"] < config.class_subset)
     return ds
   tr, te, _ = _in_memory(config)
@@ -324,7 +324,7 @@ def eval_batches(config, info: DatasetInfo) -> Iterator[dict]:
   local = eval_local_batch(config)
   n = num_eval_batches(config, info) * local
   ds = _host_dataset(config, config.test_split, False)
-  subset = config.get("class_subset") or 0
+  subset = config.class_subset
   ds = ds.map(lambda ex: {
       "image": preprocess(config, ex["image"], False, tf.zeros((2,), tf.int64)),
       "label": tf.cast(ex["label"], tf.int32) if not subset else
@@ -337,6 +337,18 @@ def eval_batches(config, info: DatasetInfo) -> Iterator[dict]:
       "mask": tf.constant(0.0)}).repeat()
   ds = ds.take(n).concatenate(pad).take(n).batch(local).prefetch(2)
   return ds.as_numpy_iterator()
+
+
+def first_test_examples(config, info: DatasetInfo, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """(images, labels) of this host's first `n` test examples, preprocessed for eval."""
+  images, labels = [], []
+  for batch in eval_batches(config, info):
+    keep = batch["mask"] > 0
+    images.append(batch["image"][keep])
+    labels.append(batch["label"][keep])
+    if sum(map(len, images)) >= n:
+      break
+  return np.concatenate(images)[:n], np.concatenate(labels)[:n]
 
 
 def to_global(batch: dict, sharding) -> dict:
@@ -354,8 +366,7 @@ def prepare(config) -> None:
   name = config.dataset.split(":", 1)[1]
   builder = tfds.builder(name, data_dir=config.data_dir or None)
   builder.download_and_prepare()
-  if config.get("class_subset"):
-    import json  # pylint: disable=g-import-not-at-top
+  if config.class_subset:
     counts = {}
     for split in (config.train_split, config.test_split):
       ds = builder.as_dataset(split=split).map(lambda ex: ex["label"])

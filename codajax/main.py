@@ -57,7 +57,7 @@ def main(argv):
     print(f"codajax {FLAGS.mode} done: {summary}")
     print(f"  checkpoints: {os.path.join(workdir, 'checkpoints')}")
     print(f"  TensorBoard: tensorboard --logdir {workdir}  (also {workdir}/metrics.jsonl)")
-    for path in result.get("figures", []):
+    for path in result["figures"]:
       print(f"  figure: {path}")
 
 

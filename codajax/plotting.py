@@ -1,9 +1,18 @@
-"""Matplotlib figures of explanations (see `codajax.explain`)."""
+"""Matplotlib figures of explanations (see `codajax.explain`).
 
+`write_explanations` makes the figures the trainer writes for a few test
+images; the `plot_*` functions make one figure each from arrays.
+"""
+
+import os
 from typing import Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import matplotlib.pyplot as plt  # Headless machines fall back to Agg by themselves.
 import numpy as np
+
+from codajax import explain
 
 
 def map_limits(maps: np.ndarray, shared: bool = False, percentile: float = 99.5):
@@ -34,6 +43,19 @@ def linear_map_image(linear_map: np.ndarray, layer_input: np.ndarray,
   return np.concatenate([rgb[..., :3], alpha[..., None]], axis=-1)
 
 
+def _show_image(ax, image) -> None:
+  img = np.asarray(image, np.float32)
+  gray = img.shape[-1] == 1
+  ax.imshow(img[..., 0] if gray else img, cmap="gray" if gray else None, vmin=0, vmax=1)
+
+
+def _show_map(ax, contribution_map, lim, title=None):
+  im = ax.imshow(contribution_map, cmap="bwr", vmin=-lim, vmax=lim)
+  if title is not None:
+    ax.set_title(title, fontsize=8)
+  return im
+
+
 def plot_contribution_maps(maps: np.ndarray, images: Optional[np.ndarray] = None,
                            titles: Optional[Sequence[str]] = None,
                            shared_scale: bool = False, ncols: Optional[int] = None,
@@ -56,14 +78,9 @@ def plot_contribution_maps(maps: np.ndarray, images: Optional[np.ndarray] = None
   for i in range(m):
     r, col = divmod(i, ncols)
     if images is not None:
-      img = np.asarray(images[i], np.float32)
-      axes[r, col * per].imshow(img[..., 0] if img.shape[-1] == 1 else img,
-                                cmap="gray" if img.shape[-1] == 1 else None,
-                                vmin=0, vmax=1)
-    ax = axes[r, col * per + per - 1]
-    im = ax.imshow(maps[i], cmap="bwr", vmin=-lims[i], vmax=lims[i])
-    if titles is not None:
-      ax.set_title(titles[i], fontsize=8)
+      _show_image(axes[r, col * per], images[i])
+    im = _show_map(axes[r, col * per + per - 1], maps[i], lims[i],
+                   None if titles is None else titles[i])
   if shared_scale:
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6)
   fig.tight_layout() if not shared_scale else None
@@ -82,6 +99,56 @@ def plot_linear_maps(linear_maps: np.ndarray, layer_inputs: np.ndarray,
     if titles is not None:
       ax.set_title(titles[i], fontsize=8)
   return fig
+
+
+def plot_true_and_predicted(images: np.ndarray, maps: np.ndarray, labels, preds,
+                            names: Sequence[str], cell: float = 2.0):
+  """One row per image: the image, the contribution map of its true class and,
+  only where the prediction is wrong, that of the predicted class.
+
+  images (N, H, W, C) in [0, 1]; maps (N, 2, H, W) for (true, predicted).
+  Each map has its own symmetric colour limits. Returns the Figure.
+  """
+  maps = np.asarray(maps, np.float32)
+  n, wrong = len(images), np.asarray(labels) != np.asarray(preds)
+  ncols = 3 if wrong.any() else 2
+  lims = map_limits(maps.reshape(-1, *maps.shape[2:])).reshape(n, 2)
+  fig, axes = plt.subplots(n, ncols, figsize=(cell * ncols, cell * n), squeeze=False)
+  for i in range(n):
+    _show_image(axes[i, 0], images[i])
+    _show_map(axes[i, 1], maps[i, 0], lims[i, 0], f"true: {names[labels[i]]}")
+    if wrong[i]:
+      _show_map(axes[i, 2], maps[i, 1], lims[i, 1], f"pred: {names[preds[i]]}")
+    elif ncols == 3:
+      fig.delaxes(axes[i, 2])
+  for ax in fig.axes:
+    ax.axis("off")
+  fig.tight_layout()
+  return fig
+
+
+def write_explanations(model, params, images, labels, class_names: Sequence[str],
+                       out_dir: str) -> list:
+  """Figures of `model`'s explanations of `images`; returns their paths in out_dir.
+
+  contribution_maps.png: `plot_true_and_predicted`. linear_maps.png: the
+  layer-0 linear maps of the predicted classes (`plot_linear_maps`).
+  `class_names` may be empty (the classes are then numbered).
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  variables = {"params": params}
+  logits = jax.jit(model.apply)(variables, images)
+  preds = np.asarray(jnp.argmax(logits, -1))
+  classes = np.stack([labels, preds], axis=1)
+  e = jax.jit(explain.explain, static_argnums=0)(model, variables, images, classes)
+  names = class_names or tuple(map(str, range(logits.shape[-1])))
+  paths = [save(plot_true_and_predicted(images, np.asarray(e.contributions.sum(-1)), labels,
+                                        preds, names),
+                os.path.join(out_dir, "contribution_maps.png"))]
+  paths.append(save(plot_linear_maps(
+      np.asarray(e.linear_map[:, 1]), np.asarray(e.layer_input),
+      [f"pred: {names[p]}" for p in preds]), os.path.join(out_dir, "linear_maps.png")))
+  return paths
 
 
 def save(fig, path: str) -> str:

@@ -20,6 +20,7 @@ test accuracy for 9L-S-CoDA-SQ-1000 (the tiny variant only checks plumbing).
 
 import re
 
+from codajax import architectures
 from codajax import config_lib
 
 TEMPERATURES = (10, 50, 100, 500, 1000, 5000, 10000)
@@ -32,46 +33,28 @@ VARIANTS = ([f"9L-S-CoDA-SQ-{t}" for t in TEMPERATURES] + ["9L-S-CoDA-L2-1000"] 
 
 def model_for(variant):
   """(model ConfigDict, matrix_reg_lambda) of a paper variant."""
+  layers, fields, lam = {}, {}, 0.0
   if m := re.fullmatch(r"9L-S-CoDA-SQ-rank-(\d+)", variant):
     r = int(m.group(1))
-    return config_lib.cifar10_9l_s(1000.0, ranks=(r, r) + (2 * r,) * 7), 0.0
-  if m := re.fullmatch(r"9L-S-CoDA-SQ-lambda-([0-9.]+)", variant):
-    return config_lib.cifar10_9l_s(64.0), float(m.group(1))
-  if m := re.fullmatch(r"9L-S-CoDA-(SQ|L2)-(\d+)", variant):
-    norm = {"SQ": "squash", "L2": "l2"}[m.group(1)]
-    return config_lib.cifar10_9l_s(float(m.group(2)), norm=norm), 0.0
-  raise ValueError(f"Unknown cifar10 variant {variant!r}; choose one of {VARIANTS}.")
+    layers, fields = dict(ranks=(r, r) + (2 * r,) * 7), dict(temperature=1000.0)
+  elif m := re.fullmatch(r"9L-S-CoDA-SQ-lambda-([0-9.]+)", variant):
+    fields, lam = dict(temperature=64.0), float(m.group(1))
+  elif m := re.fullmatch(r"9L-S-CoDA-(SQ|L2)-(\d+)", variant):
+    fields = dict(norm={"SQ": "squash", "L2": "l2"}[m.group(1)], temperature=float(m.group(2)))
+  else:
+    raise ValueError(f"Unknown cifar10 variant {variant!r}; choose one of {VARIANTS}.")
+  return config_lib.model_config(**architectures.cifar10_9l_s(**layers), **fields), lam
 
 
 def get_config(arg=None):
-  variant, tiny = config_lib.parse_arg(arg)
-  variant = variant or "9L-S-CoDA-SQ-1000"
-  if variant not in VARIANTS:
-    raise ValueError(f"Unknown cifar10 variant {variant!r}; choose one of {VARIANTS}.")
-  c = config_lib.base_config()
-  c.variant = variant
-  c.dataset = "tfds:cifar10"
-  c.image_size = 32
-  c.num_classes = 10
-  c.augment = "crop_flip"
-  c.model, c.matrix_reg_lambda = model_for(variant)
-  c.batch_size = 16
-  c.grad_accum_steps = 2
-  c.num_epochs = 200.0
-  c.learning_rate = 2.5e-4
-  c.lr_schedule = "step"
-  c.lr_decay_every_epochs = 30.0
-  c.lr_decay_factor = 1.5
-  c.log_every_steps = 500
-  if tiny:
-    c.num_steps = 8
-    c.batch_size = 16  # 2 x 8: divisible by up to 8 devices.
-    c.eval_batch_size = 16
-    c.log_every_steps = 2
-    c.eval_every_steps = 4
-    c.checkpoint_every_steps = 4
-    c.shuffle_buffer = 100
-    c.model = config_lib.model_config(
-        (8, 8, 10), (4, 4, 4), (3, 3, 1), (1, 2, 1), (1, 1, 0),
-        norm=c.model.norm, temperature=c.model.temperature)
+  c, tiny = config_lib.start(arg, "cifar10", VARIANTS, "9L-S-CoDA-SQ-1000")
+  c.update(dataset="tfds:cifar10", image_size=32, num_classes=10, augment="crop_flip")
+  c.model, c.matrix_reg_lambda = model_for(c.variant)
+  config_lib.schedule(c, batch_size=16, grad_accum_steps=2, num_epochs=200.0,
+                      learning_rate=2.5e-4, lr_schedule="step", lr_decay_every_epochs=30.0,
+                      lr_decay_factor=1.5, log_every_steps=500)
+  if tiny:  # 16 = 2 x 8: divisible by up to 8 devices.
+    config_lib.tiny(c, num_steps=8, log_every_steps=2, eval_every_steps=4,
+                    checkpoint_every_steps=4, eval_batch_size=16, shuffle_buffer=100,
+                    net=True)
   return c

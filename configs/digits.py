@@ -14,27 +14,16 @@ from codajax import config_lib
 
 
 def get_config(arg=None):
-  _, tiny = config_lib.parse_arg(arg)
-  c = config_lib.base_config()
-  c.dataset = "digits"
-  c.image_size = 16
-  c.num_classes = 10
-  c.cache = True
-  c.shuffle_buffer = 2_000
+  c, tiny = config_lib.start(arg, "digits")
+  c.update(dataset="digits", image_size=16, num_classes=10, cache=True, shuffle_buffer=2_000,
+           explain_at_end=True)
   c.model = config_lib.model_config(
       out_channels=(16, 32, 32, 10), ranks=(8, 8, 8, 8),
       kernel_sizes=(3, 3, 3, 1), strides=(1, 2, 1, 1), paddings=(1, 1, 1, 0),
       temperature=10.0)
-  c.batch_size = 32
-  c.num_epochs = 6.0
-  c.learning_rate = 2e-3
-  c.lr_schedule = "cosine"
-  c.eval_batch_size = 360
-  c.log_every_steps = 45
-  c.explain_at_end = True
+  config_lib.schedule(c, batch_size=32, eval_batch_size=360, num_epochs=6.0,
+                      learning_rate=2e-3, log_every_steps=45)
   if tiny:
-    c.num_steps = 6
-    c.log_every_steps = 2
-    c.eval_every_steps = 3
-    c.checkpoint_every_steps = 3
+    config_lib.tiny(c, num_steps=6, log_every_steps=2, eval_every_steps=3,
+                    checkpoint_every_steps=3)
   return c

@@ -12,31 +12,23 @@ A 6-layer squash CoDA-Net; 10 epochs reach about 90% test top-1.
 
 from codajax import config_lib
 
+IDX_DIR = "/usr/share/datasets/fashion-mnist"
+
 
 def get_config(arg=None):
-  variant, tiny = config_lib.parse_arg(arg)
-  c = config_lib.base_config()
+  c, tiny = config_lib.start(arg, "fashion_mnist", ("tfds",))
   # "idx": t10k-/train-{images-idx3,labels-idx1}-ubyte[.gz] under data_dir.
-  c.dataset = "tfds:fashion_mnist" if variant == "tfds" else "idx"
-  if variant not in (None, "tfds"):
-    raise ValueError(f"Unknown fashion_mnist variant {variant!r}; use 'tfds' or none.")
-  c.data_dir = None if variant == "tfds" else "/usr/share/datasets/fashion-mnist"
-  c.image_size = 28
-  c.num_classes = 10
-  c.cache = True
-  c.augment = "none"
+  if c.variant == "tfds":
+    c.dataset = "tfds:fashion_mnist"
+  else:
+    c.update(dataset="idx", data_dir=IDX_DIR)
+  c.update(image_size=28, num_classes=10, cache=True)
   c.model = config_lib.model_config(
       out_channels=(16, 32, 32, 64, 64, 10), ranks=(16, 16, 32, 32, 32, 32),
       kernel_sizes=(3, 3, 3, 3, 3, 1), strides=(1, 2, 1, 2, 1, 1),
       paddings=(1, 1, 1, 1, 1, 0), temperature=100.0)
-  c.batch_size = 64
-  c.num_epochs = 10.0
-  c.learning_rate = 1e-3
-  c.lr_schedule = "cosine"
-  c.log_every_steps = 200
+  config_lib.schedule(c, batch_size=64, num_epochs=10.0, learning_rate=1e-3,
+                      log_every_steps=200)
   if tiny:
-    c.num_steps = 4
-    c.batch_size = 8
-    c.eval_batch_size = 16
-    c.log_every_steps = 2
+    config_lib.tiny(c, num_steps=4, log_every_steps=2, batch_size=8, eval_batch_size=16)
   return c

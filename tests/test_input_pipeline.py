@@ -20,7 +20,6 @@ import tensorflow_datasets as tfds
 
 from codajax import config_lib
 from codajax import input_pipeline
-from codajax import train
 from configs import digits as digits_config
 from configs import image_folder as image_folder_config
 
@@ -296,7 +295,7 @@ def test_image_folder_infers_classes_and_reads_images(tmp_path):
   assert info.class_names == ("ant", "bee", "cat")
   assert (info.num_train, info.num_test, info.num_classes) == (6, 4, 3)
   assert info.image_shape == (8, 8, 3)
-  resolved = train.resolve_config(config, info)  # out_channels (8, 8, -1) -> 3.
+  resolved = config_lib.resolve(config, info.num_classes, 8)  # (8, 8, -1) -> 3.
   assert resolved.model.out_channels[-1] == 3 and resolved.num_classes == 3
   batches = list(input_pipeline.eval_batches(config, info))
   keep = np.concatenate([b["mask"] for b in batches]) > 0

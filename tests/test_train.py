@@ -1,17 +1,15 @@
-"""Tests of the trainer (codajax.train) and its checkpoints (codajax.checkpoint).
+"""Tests of the trainer (codajax.train); the step itself is tests/test_steps.py.
 
 End-to-end runs use the configs' `:tiny` variants: CIFAR-10 under
 `tfds.testing.mock_data`, and scikit-learn's digits (no download). The
 equivalence tests (sharded vs one device, several hosts vs one, resumed vs
-uninterrupted, accumulated vs one big batch) compare parameters, so each can
+uninterrupted) compare parameters, so each can
 fail on a wrong data order, RNG, reduction or optimizer count.
 """
 
 import contextlib
-import functools
 import glob
 import json
-import logging
 import os
 import signal
 import socket
@@ -24,9 +22,7 @@ import chex
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
-import optax
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -38,7 +34,6 @@ from codajax import models
 from codajax import train
 from configs import cifar10 as cifar10_config
 from configs import digits as digits_config
-from configs import imagenet100 as imagenet100_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS_TEST = 359  # Test examples of the digits config (a fixed 20% split).
@@ -116,7 +111,8 @@ def checkpoint_steps(workdir):
 def restore_params(workdir, config):
   """(step, params as numpy) of the latest checkpoint, through checkpoint.restore."""
   info = input_pipeline.get_info(config)
-  model = models.from_config(train.resolve_config(config, info).model)
+  model = models.from_config(
+      config_lib.resolve(config, info.num_classes, jax.device_count()).model)
   shapes = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, *info.image_shape)))["params"])
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -241,6 +237,12 @@ def test_digits_trains_writes_figures_and_guards_its_checkpoint(tmp_path):
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(path) > 5000
 
+  # --mode=explain redraws the figures from the latest checkpoint.
+  explained = train.train_and_evaluate(config, workdir, mode="explain")
+  assert list(explained) == ["figures"]
+  assert sorted(map(os.path.basename, explained["figures"])) == sorted(
+      map(os.path.basename, figures))
+
   # A checkpoint of another architecture is refused, naming what differs.
   other = digits()
   rank = other.model.ranks[0]
@@ -275,106 +277,21 @@ def test_imported_weights_are_evaluated_and_fine_tuned(tmp_path):
   assert trained["eval/loss"] != evaluated["eval/loss"]
 
 
+def test_a_bad_mode_is_rejected_before_any_work(tmp_path, monkeypatch):
+  def no_data(config):
+    raise AssertionError("the data was read")
+  monkeypatch.setattr(input_pipeline, "get_info", no_data)
+  with pytest.raises(ValueError, match="mode must be one of .*got 'predict'"):
+    train.train_and_evaluate(digits(), str(tmp_path / "run"), mode="predict")
+  assert not os.path.exists(tmp_path / "run")
+
+
 def test_eval_without_a_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match="train first.*codajax.convert"):
     train.train_and_evaluate(digits(), str(tmp_path), mode="eval")
 
 
 # ------------------------------------------------------------ equivalences
-
-
-def _tiny_setup(config):
-  """A 3-layer net on 8x8 images (fast to compile) and the trainer's step."""
-  config.model = config_lib.model_config((8, 8, 10), (4, 4, 4), (3, 3, 1), (1, 2, 1),
-                                         (1, 1, 0), temperature=10.0)
-  model = models.from_config(config.model)
-  lr_fn = train.learning_rate_fn(config, 10.0, 100)
-  tx = train.make_optimizer(config, lr_fn)
-  params = model.init(jax.random.key(1), jnp.zeros((1, 8, 8, 1)))["params"]
-  state = train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-  step = functools.partial(train.train_step, model=model, tx=tx, config=config,
-                           rng=jax.random.key(2), lr_fn=lr_fn)
-  return state, step
-
-
-def _batches(n, size, seed=0):
-  rng = np.random.RandomState(seed)
-  return [{"image": rng.uniform(size=(size, 8, 8, 1)).astype(np.float32),
-           "label": rng.randint(0, 10, size).astype(np.int32)} for _ in range(n)]
-
-
-def assert_same_training(got, want, lr):
-  """Same Adam moments (to float precision) and the same parameters.
-
-  The moments are running means of the gradients and their squares: they
-  differ if any gradient does. Adam then divides each coordinate by its RMS,
-  which turns rounding noise in a near-zero gradient coordinate into a
-  parameter change of up to a fraction of lr, so parameters get lr / 100.
-  """
-  for moment, atol in (("mu", 1e-8), ("nu", 1e-12)):
-    chex.assert_trees_all_close(optax.tree_utils.tree_get(got.opt_state, moment),
-                                optax.tree_utils.tree_get(want.opt_state, moment),
-                                rtol=1e-4, atol=atol)
-  chex.assert_trees_all_close(got.params, want.params, rtol=1e-5, atol=lr / 100)
-
-
-@pytest.mark.parametrize("matrix_reg_lambda", [0.0, 0.5])
-def test_sharded_training_matches_one_device(matrix_reg_lambda):
-  """8 devices (batch P('data'), params replicated) == 1 device, same batches."""
-  assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
-  lr = 1e-2
-  config = digits(learning_rate=lr, lr_schedule="constant",
-                  matrix_reg_lambda=matrix_reg_lambda)
-  batches = _batches(3, 16)
-  finals = []
-  for devices in (jax.devices(), jax.devices()[:1]):
-    mesh = Mesh(np.array(devices), ("data",))
-    data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-    state, step = _tiny_setup(config)
-    init_params = jax.device_get(state.params)
-    state = jax.device_put(state, replicated)
-    p_step = jax.jit(step, in_shardings=(replicated, data),
-                     out_shardings=(replicated, replicated), donate_argnums=0)
-    losses = []
-    for batch in batches:
-      batch = input_pipeline.to_global(batch, data)
-      assert batch["image"].sharding.num_devices == len(devices)
-      state, metrics = p_step(state, batch)
-      losses.append(float(metrics["train/loss"]))
-    leaf = jax.tree.leaves(state.params)[0]
-    assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == len(devices)
-    finals.append((jax.device_get(state), losses))
-  (sharded, losses8), (single, losses1) = finals
-  np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
-  assert_same_training(sharded, single, lr)
-  moved = max(float(np.abs(a - b).max()) for a, b in zip(
-      jax.tree.leaves(single.params), jax.tree.leaves(init_params)))
-  assert moved > 1e-3  # The comparison is not between untouched parameters.
-
-
-def test_gradient_accumulation_2x8_equals_one_step_of_16():
-  """Two updates: 2 x 8 with grad_accum_steps=2 == 1 x 16 (make_optimizer's Adam)."""
-  lr = 1e-2
-  batches = _batches(2, 16, seed=3)
-  results = {}
-  for accum in (1, 2):
-    config = digits(learning_rate=lr, lr_schedule="constant", grad_accum_steps=accum)
-    state, step = _tiny_setup(config)
-    step = jax.jit(step)
-    for batch in batches:
-      for i in range(accum):
-        micro = jax.tree.map(lambda x: x[i * 16 // accum:(i + 1) * 16 // accum], batch)
-        before = state.params
-        state, metrics = step(state, micro)
-        if i < accum - 1:  # MultiSteps only accumulates until the last micro-step.
-          chex.assert_trees_all_equal(state.params, before)
-    np.testing.assert_allclose(float(metrics["train/lr"]), lr)
-    results[accum] = jax.device_get(state)
-  # Two Adam updates in both runs.
-  assert int(results[1].opt_state[0].count) == 2
-  assert int(results[2].opt_state.inner_opt_state[0].count) == 2
-  assert int(results[2].step) == 4 and int(results[1].step) == 2
-  assert_same_training(results[2], results[1], lr)
 
 
 def test_resume_reaches_the_uninterrupted_parameters(tmp_path, monkeypatch):
@@ -554,92 +471,3 @@ def test_non_finite_loss_names_the_step_and_is_never_checkpointed(tmp_path, monk
   with pytest.raises(FloatingPointError, match="at step 2"):
     train.train_and_evaluate(digits(num_steps=4, checkpoint_every_steps=1), workdir)
   assert checkpoint_steps(workdir) == [1]  # A rerun resumes from finite parameters.
-
-
-def _save_two(workdir):
-  mngr = checkpoint.manager(workdir, asynchronous=False)
-  params = {"layer_0": {"kernel": np.ones((3, 2), np.float32), "bias": np.zeros(2, np.float32)}}
-  opt = {"mu": np.zeros(2, np.float32)}
-  checkpoint.save(mngr, 1, params, opt, {"model": {}})
-  checkpoint.save(mngr, 2, jax.tree.map(lambda x: x + 1, params), opt, {"model": {}})
-  mngr.wait_until_finished()
-  mngr.close()
-  return params, opt
-
-
-def _corrupt(workdir, step):
-  for path in glob.glob(os.path.join(checkpoint.directory(workdir), str(step), "params",
-                                     "**", "d", "*"), recursive=True):
-    with open(path, "wb") as f:
-      f.write(b"not a tensorstore chunk")
-
-
-def _abstract(tree):
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
-
-
-# Orbax's failed reads of the damaged step leave an asyncio callback behind.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
-  params, opt = _save_two(str(tmp_path))
-  _corrupt(str(tmp_path), 2)
-  mngr = checkpoint.manager(str(tmp_path), asynchronous=False)
-  with caplog.at_level(logging.WARNING):
-    step, restored, restored_opt, _ = checkpoint.restore(mngr, _abstract(params), _abstract(opt))
-  assert step == 1
-  chex.assert_trees_all_equal(jax.device_get(restored), params)
-  chex.assert_trees_all_equal(jax.device_get(restored_opt), opt)
-  assert any("unreadable" in r.getMessage() and "/2 " in r.getMessage()
-             for r in caplog.records)
-  assert checkpoint_steps(str(tmp_path)) == [1, 2]  # Nothing deleted.
-
-  _corrupt(str(tmp_path), 1)
-  with pytest.raises(checkpoint.CheckpointError, match="(?s)No readable checkpoint.*step 2.*step 1"):
-    checkpoint.restore(mngr, _abstract(params), _abstract(opt))
-  mngr.close()
-
-
-def test_checkpoint_of_another_model_is_refused(tmp_path):
-  params, opt = _save_two(str(tmp_path))
-  other = {"layer_0": {"kernel": np.ones((4, 2), np.float32), "bias": np.zeros(2, np.float32)}}
-  mngr = checkpoint.manager(str(tmp_path), asynchronous=False)
-  with pytest.raises(checkpoint.CheckpointError,
-                     match=r"(?s)1 parameters differ.*layer_0.*kernel.*\(3, 2\).*\(4, 2\)"):
-    checkpoint.restore(mngr, _abstract(other), _abstract(opt))
-  mngr.close()
-
-
-def test_bad_configs_are_rejected_with_clear_messages():
-  info = input_pipeline.get_info(digits())
-  seven = digits()
-  seven.model.out_channels = tuple(seven.model.out_channels[:-1]) + (7,)
-  with pytest.raises(ValueError, match="ends in 7 but the data has 10 classes"):
-    train.resolve_config(seven, info)
-  with pytest.raises(ValueError, match="12 must be a multiple of the 8 devices"):
-    train.resolve_config(digits(batch_size=12), info)
-  with pytest.raises(ValueError, match="multiple of config.grad_accum_steps=3"):
-    train.resolve_config(digits(batch_size=32, grad_accum_steps=3), info)
-  with pytest.raises(ValueError, match="learning_rate must be > 0"):
-    train.resolve_config(digits(learning_rate=0.0), info)
-
-
-# --------------------------------------------------------------- schedules
-
-
-def test_lr_schedules_follow_the_paper():
-  cifar = cifar10_config.get_config("9L-S-CoDA-SQ-1000")
-  per_epoch = 7.0  # Any size: the schedule is in epochs.
-  lr = train.learning_rate_fn(cifar, per_epoch, 200 * 7)
-  for epoch in range(0, 200, 10):
-    np.testing.assert_allclose(float(lr(jnp.asarray(epoch * per_epoch))),
-                               2.5e-4 / 1.5 ** (epoch // 30), rtol=1e-6)
-
-  imagenet = imagenet100_config.get_config()
-  lr = train.learning_rate_fn(imagenet, per_epoch, 60 * 7)
-  values = [float(lr(jnp.asarray(e * per_epoch))) for e in range(60)]
-  np.testing.assert_allclose(values[0], 2.5e-4, rtol=1e-6)
-  assert all(a < b < 1e-3 for a, b in zip(values[:14], values[1:15]))  # Linear warm-up.
-  np.testing.assert_allclose(np.diff(values[:15]), np.diff(values[:15])[0], rtol=1e-4)
-  np.testing.assert_allclose(values[15:], [1e-3 / 2 ** (e // 20) for e in range(15, 60)],
-                             rtol=1e-6)

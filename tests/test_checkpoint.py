@@ -1,0 +1,152 @@
+"""Tests of codajax.checkpoint: fallback past damaged steps, clear refusals, and
+checkpoints written by earlier codajax (tests/testdata/main_c28d53c) still
+restore to the same numbers.
+"""
+
+import glob
+import json
+import logging
+import os
+import shutil
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from codajax import checkpoint
+from codajax import explain
+from codajax import models
+from codajax import train
+from configs import digits as digits_config
+
+OLD_MAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "main_c28d53c")
+
+
+def checkpoint_steps(workdir):
+  return sorted(int(d) for d in os.listdir(checkpoint.directory(workdir)) if d.isdigit())
+
+
+def _save_two(workdir):
+  mngr = checkpoint.manager(workdir, asynchronous=False)
+  params = {"layer_0": {"kernel": np.ones((3, 2), np.float32), "bias": np.zeros(2, np.float32)}}
+  opt = {"mu": np.zeros(2, np.float32)}
+  checkpoint.save(mngr, 1, params, opt, {"model": {}})
+  checkpoint.save(mngr, 2, jax.tree.map(lambda x: x + 1, params), opt, {"model": {}})
+  mngr.wait_until_finished()
+  mngr.close()
+  return params, opt
+
+
+def _corrupt(workdir, step):
+  for path in glob.glob(os.path.join(checkpoint.directory(workdir), str(step), "params",
+                                     "**", "d", "*"), recursive=True):
+    with open(path, "wb") as f:
+      f.write(b"not a tensorstore chunk")
+
+
+def _abstract(tree):
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+
+
+# Orbax's failed reads of the damaged step leave an asyncio callback behind.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
+  params, opt = _save_two(str(tmp_path))
+  _corrupt(str(tmp_path), 2)
+  mngr = checkpoint.manager(str(tmp_path), asynchronous=False)
+  with caplog.at_level(logging.WARNING):
+    step, restored, restored_opt, _ = checkpoint.restore(mngr, _abstract(params), _abstract(opt))
+  assert step == 1
+  chex.assert_trees_all_equal(jax.device_get(restored), params)
+  chex.assert_trees_all_equal(jax.device_get(restored_opt), opt)
+  assert any("unreadable" in r.getMessage() and "/2 " in r.getMessage()
+             for r in caplog.records)
+  assert checkpoint_steps(str(tmp_path)) == [1, 2]  # Nothing deleted.
+
+  _corrupt(str(tmp_path), 1)
+  with pytest.raises(checkpoint.CheckpointError, match="(?s)No readable checkpoint.*step 2.*step 1"):
+    checkpoint.restore(mngr, _abstract(params), _abstract(opt))
+  mngr.close()
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+  params, opt = _save_two(str(tmp_path))
+  other = {"layer_0": {"kernel": np.ones((4, 2), np.float32), "bias": np.zeros(2, np.float32)}}
+  mngr = checkpoint.manager(str(tmp_path), asynchronous=False)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"(?s)1 parameters differ.*layer_0.*kernel.*\(3, 2\).*\(4, 2\)"):
+    checkpoint.restore(mngr, _abstract(other), _abstract(opt))
+  mngr.close()
+
+
+# --------------------------------------------------- checkpoints of old code
+
+
+@pytest.fixture
+def old_main(tmp_path):
+  """Copies of the trained/ and imported/ workdirs (testdata is never written)."""
+  for name in ("trained", "imported"):
+    shutil.copytree(os.path.join(OLD_MAIN, name), tmp_path / name)
+  return tmp_path
+
+
+def old_config():
+  """configs/digits.py:tiny with the model of trained/config.json."""
+  with open(os.path.join(OLD_MAIN, "trained", "config.json")) as f:
+    saved = json.load(f)
+  config = digits_config.get_config("tiny")
+  config.model.update({k: tuple(v) if isinstance(v, list) else v
+                       for k, v in saved["model"].items()})
+  return config
+
+
+def restore_params(workdir, model):
+  abstract = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 16, 16, 1)))["params"])
+  mngr = checkpoint.manager(workdir, asynchronous=False)
+  try:
+    step, params, opt_state, _ = checkpoint.restore(mngr, _abstract(abstract))
+  finally:
+    mngr.close()
+  assert opt_state is None
+  return step, params
+
+
+def test_old_checkpoint_evaluates_to_its_logged_metrics(old_main):
+  with open(os.path.join(OLD_MAIN, "trained", "metrics.jsonl")) as f:
+    logged = [r for r in map(json.loads, f) if "eval/top1" in r and r["step"] == 6]
+  assert len(logged) == 1
+  run = train.setup(old_config(), str(old_main / "trained"))
+  assert run.start == 6
+  result = train.eval_mode(run)
+  assert result["eval/count"] == logged[0]["eval/count"] == 359
+  for key in ("eval/loss", "eval/top1", "eval/top5"):
+    np.testing.assert_allclose(result[key], logged[0][key], rtol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("name, step", [("trained", 6), ("imported", 0)])
+def test_old_checkpoint_gives_the_same_logits_and_contributions(old_main, name, step):
+  reference = np.load(os.path.join(OLD_MAIN, "reference.npz"))
+  model = models.from_config(old_config().model)
+  restored_step, params = restore_params(str(old_main / name), model)
+  assert restored_step == step
+  variables = {"params": params}
+  x = jnp.asarray(reference["x"])
+  np.testing.assert_allclose(model.apply(variables, x), reference["logits"], rtol=1e-5)
+  np.testing.assert_allclose(explain.contributions(model, variables, x),
+                             reference["contributions"], rtol=1e-4, atol=1e-6)
+
+
+def test_training_resumes_from_an_old_checkpoint(old_main):
+  workdir = str(old_main / "trained")
+  config = old_config()
+  config.update(num_steps=8, eval_every_steps=100, checkpoint_every_steps=100)
+  result = train.train_and_evaluate(config, workdir)
+  assert result["eval/count"] == 359 and np.isfinite(result["eval/loss"])
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    steps = [r["step"] for r in map(json.loads, f) if "train/loss" in r]
+  assert steps[-2:] == [6, 8]  # The copied log, then step 8 after the resume.
+  assert checkpoint_steps(workdir) == [6, 8]
