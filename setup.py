@@ -7,7 +7,7 @@ setuptools.setup(
     version="0.1.0",
     description="CoDA-Nets (Böhle, Fritz, Schiele, CVPR 2021) in JAX/Flax, with "
                 "explanations composed from the network's own dynamic matrices.",
-    packages=setuptools.find_packages(include=["codajax", "codajax.*", "benchmarks"]),
+    packages=setuptools.find_packages(include=["codajax", "codajax.*"]),
     python_requires=">=3.11",
     install_requires=[
         "absl-py>=2.1",

@@ -1,13 +1,13 @@
-"""codajax benchmarks: synthetic data, JSON lines, one process per measurement.
+"""codajax's benchmarks: a tool run from the repository root, not installed.
 
-  python -m benchmarks.run            # every part, each in its own process
-  python -m benchmarks.train_step     # (a) training step, (d) FLOP/s vs ceiling
-  python -m benchmarks.inference      # (b) inference forward
-  python -m benchmarks.contributions  # (c) contributions for all classes vs forward
-  python -m benchmarks.ceiling        # (d) the ceiling alone
-  python -m benchmarks.profile        # where a training step's time goes
-  bash benchmarks/gpu.sh OUT_DIR      # the GPU runs of issue 4, one script
+  python -m benchmarks.run            # the one entry point; --help lists the parts
+  bash benchmarks/gpu.sh OUT_DIR      # the GPU runs, in stages, through run.py
 
-Only jax, flax, optax and numpy are imported (no TensorFlow, no data sets), so
-the suite runs on any machine with those; see benchmarks/README.md.
+run.py runs every measurement in a child process of its own and checks the
+figures against their goals. Each part is a module with `run(Measurement)`:
+train_step (codajax.steps.train_step, and its FLOP/s against the ceiling),
+inference (model.apply), contributions (explain.contributions against
+model.apply), ceiling (the FLOP/s ceiling alone) and profile (where a
+training step's time goes). common.py holds what they share. Synthetic data,
+no data sets; see benchmarks/README.md.
 """

@@ -1,13 +1,12 @@
-"""(d) The practical FLOP/s ceiling at the dominant layer's shape.
+"""The practical FLOP/s ceiling at the dominant layer's shape.
 
 Two forward+backward figures (output, input gradient, kernel gradient) for the
 layer of the model with the most multiply-adds, as the fused layer computes it
 (C_in -> C_out*(R+1) + R channels, k x k): a plain convolution, and the
 equivalent patches x matrix product (dot_general, patches precomputed). The
 better of the two is the ceiling that the training step's FLOP/s is compared
-to (benchmarks.train_step measures both in its own process).
-
-  python -m benchmarks.ceiling --batch 16 64
+to (`benchmarks.train_step` measures both in one process; `run` measures the
+ceiling alone).
 """
 
 import functools
@@ -83,20 +82,8 @@ def measure(layer: dict, batch: int, dtype, reps: int,
   return out
 
 
-def run_one(args, c):
-  model, _, x, _ = common.build(args, c)
+def run(m: common.Measurement) -> None:
+  model, _, x, _ = common.build(m)
   layer = common.dominant_layer(model, x.shape[1])
-  rec = common.record("ceiling", args, c, model, x,
-                      **measure(layer, c["batch"], jnp.dtype(c["dtype"]), args.reps))
-  common.emit(rec)
-
-
-def main():
-  p = common.parser(__doc__, batch=(16, 64), impl=("fused",), reps=5)
-  args = p.parse_args()
-  args.impl = args.impl[:1]   # The ceiling does not depend on impl.
-  common.fan_out("benchmarks.ceiling", args, run_one)
-
-
-if __name__ == "__main__":
-  main()
+  common.emit(common.record("ceiling", m, x,
+                            **measure(layer, m.batch, jnp.dtype(m.dtype), m.reps)))

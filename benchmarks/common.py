@@ -1,96 +1,101 @@
-"""Shared pieces: flags, synthetic data, timing, memory, FLOPs, JSON lines."""
+"""What every part shares: one measurement's settings, synthetic data, timing,
+memory, FLOP counts and JSON records."""
 
-import argparse
-import itertools
+import dataclasses
 import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from codajax import dau
+from codajax import dau_fused
 from codajax import models
 
 # Input sizes of the presets: CIFAR-10 32x32; ImageNet-100 240x240 crops, as in
 # the reference code's 9L-L experiment (RandomCrop/CenterCrop 240 after Resize 256).
 IMAGE_SIZES = {"cifar10_9l_s": 32, "imagenet100_9l_l": 240, "tiny": 16}
-NEGATABLE = {"ceiling"}   # Boolean flags with a --no- form.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def parser(doc: str, *, batch: Sequence[int], impl: Sequence[str], reps: int = 3,
-           budget_s: float = 60.0) -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=doc,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", default="cifar10_9l_s", choices=sorted(models.PRESETS))
-  p.add_argument("--image-size", type=int, default=None,
-                 help="default: the preset's (cifar10_9l_s 32, imagenet100_9l_l 240)")
-  p.add_argument("--batch", type=int, nargs="+", default=list(batch))
-  p.add_argument("--impl", nargs="+", default=list(impl), choices=models.IMPLS)
-  p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
-  p.add_argument("--remat", action="store_true", help="per-layer jax.checkpoint")
-  p.add_argument("--reps", type=int, default=reps, help="timed runs (at most)")
-  p.add_argument("--budget-s", type=float, default=budget_s,
-                 help="stop repeating once a measurement has taken this long "
-                      "(at least one timed run)")
-  return p
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+  """One measurement, run in a process of its own: a part and its settings.
+
+  The options after `budget_s` belong to one part each and the others ignore
+  them.
+  """
+  part: str                     # One of `benchmarks.run.PARTS`.
+  model: str                    # A key of `models.PRESETS`.
+  batch: int
+  impl: str                     # One of `models.IMPLS`.
+  contraction: str = "auto"     # One of `models.CONTRACTIONS`.
+  dtype: str = "float32"
+  image_size: int | None = None   # None: the preset's (`IMAGE_SIZES`).
+  remat: bool = False
+  reps: int = 3                 # Timed runs (at most); the median is reported.
+  budget_s: float = 60.0        # Stop repeating once a measurement took this long.
+  ceiling: bool = True          # train_step: also its FLOP/s against the ceiling.
+  ceiling_reps: int = 3         # train_step: interleaved rounds for the ceiling.
+  num_classes: int | None = None  # contributions: classes 0..K-1 (None: all).
+  profile_steps: int = 3        # profile: traced steps.
+  profile_top: int = 25         # profile: ops listed.
+  trace_dir: str | None = None  # profile: None, a new temporary folder.
+
+  @property
+  def size(self) -> int:
+    return self.image_size or IMAGE_SIZES[self.model]
+
+  def to_json(self) -> str:
+    """The fields that differ from their defaults; `Measurement(**json.loads(...))`
+    reads it back."""
+    defaults = {f.name: f.default for f in dataclasses.fields(self)}
+    return json.dumps({k: v for k, v in dataclasses.asdict(self).items()
+                       if v != defaults[k]})
+
+  def label(self) -> str:
+    impl = self.impl if self.impl == "materialized" else f"{self.impl}/{self.contraction}"
+    return f"{self.part} {self.model} batch {self.batch} {impl} {self.dtype}"
 
 
-def configs(args) -> list[dict[str, Any]]:
-  """One dict per (batch, impl, dtype) combination."""
-  return [dict(batch=b, impl=i, dtype=t)
-          for b, i, t in itertools.product(args.batch, args.impl, args.dtype)]
+def build(m: Measurement):
+  """(model, variables, images, integer labels) for measurement m."""
+  if m.batch < 1:
+    raise ValueError(f"the batch must be >= 1, got {m.batch}.")
+  model = models.PRESETS[m.model](impl=m.impl, contraction=m.contraction,
+                                  dtype=jnp.dtype(m.dtype), remat=m.remat)
+  kx, ky, kp = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.uniform(kx, (m.batch, m.size, m.size, 3), jnp.float32)
+  labels = jax.random.randint(ky, (m.batch,), 0, model.num_classes)
+  variables = jax.jit(model.init)(kp, x[:1])
+  return model, variables, x, labels
 
 
-def argv_of(args, **overrides) -> list[str]:
-  """Flags that reproduce `args` (with overrides) for a child process."""
-  out = []
-  for k, v in {**vars(args), **overrides}.items():
-    flag = "--" + k.replace("_", "-")
-    if isinstance(v, bool):
-      out += [flag] if v else ([f"--no-{flag[2:]}"] if k in NEGATABLE else [])
-    elif v is None:
-      continue
-    elif isinstance(v, (list, tuple)):
-      out += [flag] + [str(x) for x in v]
-    else:
-      out += [flag, str(v)]
-  return out
-
-
-def fan_out(module: str, args, run_one: Callable[[Any, dict], None]) -> None:
-  """Runs each configuration in its own process (so its peak memory is its
-  own), or in this one when there is only one."""
-  cs = configs(args)
-  if len(cs) == 1:
-    run_one(args, cs[0])
-    return
-  failed = []
-  for c in cs:
-    argv = argv_of(args, batch=[c["batch"]], impl=[c["impl"]], dtype=[c["dtype"]])
-    rc = subprocess.run([sys.executable, "-m", module, *argv], check=False,
-                        cwd=REPO_ROOT).returncode
-    if rc:
-      failed.append(f"{c} (exit {rc})")
-  if failed:
-    # The other configurations' records are out already; the failure must not
-    # pass for a complete run.
-    sys.exit(f"{module}: {len(failed)} of {len(cs)} configurations failed: "
-             + "; ".join(failed))
+def contraction_used(m: Measurement) -> str | None:
+  """The fused layer's contraction ("auto" resolved to the backend's); None
+  for the materialised layer, which has none."""
+  if m.impl == "materialized":
+    return None
+  return dau_fused.default_contraction() if m.contraction == "auto" else m.contraction
 
 
 def device_info() -> dict[str, Any]:
   d = jax.devices()[0]
   return {"backend": jax.default_backend(), "device": d.device_kind,
-          "num_devices": jax.device_count(), "jax": jax.__version__,
-          "contraction": dau.default_contraction()}
+          "num_devices": jax.device_count(), "jax": jax.__version__}
+
+
+def record(bench: str, m: Measurement, x, **fields) -> dict[str, Any]:
+  return {"bench": bench, **device_info(), "model": m.model, "impl": m.impl,
+          "contraction": contraction_used(m), "dtype": m.dtype, "remat": m.remat,
+          "batch": m.batch, "input_shape": list(x.shape), **fields}
+
+
+def emit(rec: dict[str, Any]) -> None:
+  print(json.dumps(rec), flush=True)
 
 
 def peak_memory() -> dict[str, Any]:
@@ -103,31 +108,6 @@ def peak_memory() -> dict[str, Any]:
     return {"peak_bytes": int(stats["peak_bytes_in_use"]), "peak_source": "device"}
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux.
   return {"peak_bytes": int(rss), "peak_source": "process_rss"}
-
-
-def build(args, c: dict[str, Any]):
-  """(model, variables, images, one-hot targets) for configuration c."""
-  if c["batch"] < 1:
-    raise ValueError(f"--batch must be >= 1, got {c['batch']}.")
-  dtype = jnp.dtype(c["dtype"])
-  model = models.PRESETS[args.model](impl=c["impl"], dtype=dtype, remat=args.remat)
-  size = args.image_size or IMAGE_SIZES[args.model]
-  kx, ky, kp = jax.random.split(jax.random.key(0), 3)
-  x = jax.random.uniform(kx, (c["batch"], size, size, 3), jnp.float32)
-  y = jax.nn.one_hot(jax.random.randint(ky, (c["batch"],), 0, model.num_classes),
-                     model.num_classes)
-  variables = jax.jit(model.init)(kp, x[:1])
-  return model, variables, x, y
-
-
-def record(bench: str, args, c: dict[str, Any], model, x, **fields) -> dict[str, Any]:
-  return {"bench": bench, **device_info(), "model": args.model, "impl": c["impl"],
-          "dtype": c["dtype"], "remat": args.remat, "batch": c["batch"],
-          "input_shape": list(x.shape), **fields}
-
-
-def emit(rec: dict[str, Any]) -> None:
-  print(json.dumps(rec), flush=True)
 
 
 def _flop_count(lowered) -> float | None:
@@ -146,12 +126,11 @@ def flops(traced, lowered=None) -> dict[str, Any]:
   {"flops": count or None, "flops_source": how}.
 
   Not the compiled module's count: on GPU its convolutions and GEMMs are
-  library custom calls that the analysis does not count (measured on an H200,
-  jax 0.11.2: the CIFAR 9L-S training step at batch 256 counted 63 GFLOP
-  compiled against 1540 GFLOP lowered). Where the backend's own lowering
-  gives no count (that H200 gave none), the same traced program is lowered
-  for CPU and counted there: the program, and so its FLOPs, are the
-  backend's (e.g. its contraction), only the counting is done by XLA:CPU.
+  library custom calls that the analysis does not count (benchmarks/README.md
+  gives an example). Where the backend's own lowering gives no count, the same
+  traced program is lowered for CPU and counted there: the program, and so
+  its FLOPs, are the backend's (e.g. its contraction), only the counting is
+  done by XLA:CPU.
   """
   count = _flop_count(lowered or traced.lower())
   if count is not None:
@@ -213,7 +192,3 @@ def dominant_layer(model, image_size: int) -> dict[str, Any]:
                   out_channels=n_out, kernel=k, stride=s, padding=p,
                   macs_per_image=macs)
   return best
-
-
-def args_summary(args) -> str:
-  return " ".join(argv_of(args))

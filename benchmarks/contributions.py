@@ -1,10 +1,8 @@
-"""(c) explain.contributions for all classes of a batch vs the inference forward.
+"""explain.contributions for the classes of a batch against model.apply.
 
 Both are jitted and timed interleaved in one process (same batch, same
-parameters, the model's own impl), so the ratio sees one load.
-
-  python -m benchmarks.contributions --batch 16
-  python -m benchmarks.contributions --batch 16 --num-classes 1   # one class
+parameters, the model's own impl and contraction), so their ratio sees one
+load. `Measurement.num_classes` explains classes 0..K-1 (default: all).
 """
 
 import statistics
@@ -17,9 +15,9 @@ from benchmarks import common
 from codajax import explain
 
 
-def run_one(args, c):
-  model, variables, x, _ = common.build(args, c)
-  k = args.num_classes or model.num_classes
+def run(m: common.Measurement) -> None:
+  model, variables, x, _ = common.build(m)
+  k = m.num_classes or model.num_classes
   classes = jnp.arange(k)
   forward = jax.jit(model.apply).lower(variables, x).compile()
   contrib = jax.jit(lambda v, x: explain.contributions(model, v, x, classes)).lower(
@@ -30,30 +28,19 @@ def run_one(args, c):
     fn()
   times = {name: [] for name in calls}
   start = time.perf_counter()
-  for _ in range(max(1, args.reps)):
+  for _ in range(max(1, m.reps)):
     for name, fn in calls.items():
       t = time.perf_counter()
       fn()
       times[name].append(time.perf_counter() - t)
-    if time.perf_counter() - start > args.budget_s:
+    if time.perf_counter() - start > m.budget_s:
       break
   med = {name: statistics.median(v) for name, v in times.items()}
   common.emit(common.record(
-      "contributions", args, c, model, x, num_classes=k,
+      "contributions", m, x, num_classes=k,
       forward_median_s=med["forward"], contributions_median_s=med["contributions"],
       ratio=med["contributions"] / med["forward"],
-      forward_img_per_s=c["batch"] / med["forward"],
-      contributions_img_per_s=c["batch"] / med["contributions"],
+      forward_img_per_s=m.batch / med["forward"],
+      contributions_img_per_s=m.batch / med["contributions"],
       times_s={n: [round(v, 4) for v in t] for n, t in times.items()},
       **common.peak_memory()))
-
-
-def main():
-  p = common.parser(__doc__, batch=(16,), impl=("fused",), reps=7)
-  p.add_argument("--num-classes", type=int, default=None,
-                 help="explain classes 0..K-1 (default: all)")
-  common.fan_out("benchmarks.contributions", p.parse_args(), run_one)
-
-
-if __name__ == "__main__":
-  main()

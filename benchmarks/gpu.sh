@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# The benchmark suite on one GPU, as issue 4 asks: CIFAR 9L-S at batch 256
+# The benchmarks on one GPU, through benchmarks.run: CIFAR 9L-S at batch 256
 # and ImageNet-100 9L-L at batch 32 (240x240), fused, float32 and bfloat16,
-# with the FLOP/s fraction of the ceiling; inference and contributions too;
-# and a per-kernel profile of the CIFAR step. Needs only jax (with its CUDA
-# plugin), flax, optax and numpy.
+# with the FLOP/s fraction of the ceiling; the two contractions (dot, conv)
+# of the CIFAR step; inference and contributions; and a per-kernel profile
+# of the CIFAR step. Needs codajax's dependencies with jax's CUDA plugin
+# (the training step is codajax.steps').
 #
 #   bash benchmarks/gpu.sh [OUT_DIR [STAGE ...]]    # JSON lines in OUT_DIR/STAGE.jsonl
 #
 # Stages, in order (default: all): cifar_train profile cifar_infer
 # imagenet_train imagenet_infer. On an H200 each process spends 25-95 s
 # compiling, so all of them take about 15 minutes: run them in pieces where
-# a call is limited to less. Every stage runs even if an earlier one failed;
-# the exit status is non-zero if any failed.
+# a call is limited to less. Each measurement is killed after 360 s. Every
+# stage runs even if an earlier one failed; the exit status is non-zero if
+# any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-benchmark_results}}"
@@ -30,27 +32,24 @@ run() {   # run NAME ARGS...: one benchmarks.run invocation, logged, if NAME is 
   local name="$1"; shift
   wanted "$name" || return 0
   echo "=== $name: benchmarks.run $*" >&2
-  "$py" -m benchmarks.run "$@" --part-timeout-s 360 >"$out/$name.jsonl" || status=1
+  "$py" -m benchmarks.run "$@" --timeout-s 360 >"$out/$name.jsonl" || status=1
 }
 "$py" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" || exit 1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv 2>/dev/null
 
-# CIFAR 9L-S, batch 256: both contractions (dot is the GPU default), both dtypes.
-run cifar_train --train-batch 256 --impl fused fused_conv --dtype float32 bfloat16 \
-  --reps 20 --budget-s 20 --parts train_step
+# CIFAR 9L-S, batch 256: both contractions, both dtypes.
+run cifar_train --parts train_step --train-batch 256 --impl fused --contraction dot conv \
+  --dtype float32 bfloat16 --reps 20 --budget-s 20
 # Where the CIFAR step's time goes (kernels by name; the traces go to a temporary folder).
-if wanted profile; then
-  echo "=== profile: benchmarks.profile" >&2
-  "$py" -m benchmarks.profile --batch 256 --impl fused --dtype float32 bfloat16 --steps 3 \
-    >"$out/profile.jsonl" || status=1
-fi
-run cifar_infer --infer-batch 256 --explain-batch 64 --impl fused --dtype float32 bfloat16 \
-  --reps 20 --budget-s 20 --parts inference contributions
+run profile --parts profile --train-batch 256 --impl fused --dtype float32 bfloat16 \
+  --profile-steps 3
+run cifar_infer --parts inference contributions --infer-batch 256 --explain-batch 64 \
+  --impl fused --dtype float32 bfloat16 --reps 20 --budget-s 20
 # ImageNet-100 9L-L, batch 32 at 240x240.
-run imagenet_train --model imagenet100_9l_l --train-batch 32 --impl fused \
-  --dtype float32 bfloat16 --reps 10 --budget-s 20 --parts train_step
-run imagenet_infer --model imagenet100_9l_l --infer-batch 32 --explain-batch 8 --impl fused \
-  --dtype float32 --reps 10 --budget-s 20 --parts inference contributions
+run imagenet_train --model imagenet100_9l_l --parts train_step --train-batch 32 --impl fused \
+  --dtype float32 bfloat16 --reps 10 --budget-s 20
+run imagenet_infer --model imagenet100_9l_l --parts inference contributions --infer-batch 32 \
+  --explain-batch 8 --impl fused --dtype float32 --reps 10 --budget-s 20
 # One table of every record, last (the end of the output is what a remote run returns).
 "$py" - "$out"/*.jsonl <<'EOF'
 import json, sys
@@ -61,7 +60,8 @@ for path in sys.argv[1:]:
     r = json.loads(line)
     if r["bench"] == "summary":
       continue
-    print(r["bench"][:16].ljust(17), r["model"][:16].ljust(17), r["impl"].ljust(10),
+    impl = r["impl"] if r["contraction"] is None else f"{r['impl']}/{r['contraction']}"
+    print(r["bench"][:16].ljust(17), r["model"][:16].ljust(17), impl.ljust(12),
           r["dtype"].ljust(9), str(r["batch"]).rjust(4), end=" ")
     if r["bench"] == "profile":
       share = "n/a" if r["matmul_share"] is None else f"{r['matmul_share']:.0%}"

@@ -1,7 +1,4 @@
-"""(b) Inference forward: logits of a batch, jitted.
-
-  python -m benchmarks.inference --batch 64 --impl fused materialized
-"""
+"""Inference: the jitted forward `model.apply` (logits of a batch)."""
 
 import time
 
@@ -10,8 +7,8 @@ import jax
 from benchmarks import common
 
 
-def run_one(args, c):
-  model, variables, x, _ = common.build(args, c)
+def run(m: common.Measurement) -> None:
+  model, variables, x, _ = common.build(m)
   t = time.perf_counter()
   traced = jax.jit(model.apply).trace(variables, x)
   lowered = traced.lower()
@@ -20,18 +17,9 @@ def run_one(args, c):
   counted = common.flops(traced, lowered)
   flops = counted["flops"]
   timing = common.warm_and_time(lambda: compiled(variables, x).block_until_ready(),
-                                args.reps, args.budget_s)
+                                m.reps, m.budget_s)
   med = timing["median_s"]
   common.emit(common.record(
-      "inference", args, c, model, x, **timing, img_per_s=c["batch"] / med,
+      "inference", m, x, **timing, img_per_s=m.batch / med,
       compile_s=round(compile_s, 2), **counted, flop_per_s=flops / med if flops else None,
       **common.peak_memory(), **common.xla_memory(compiled)))
-
-
-def main():
-  p = common.parser(__doc__, batch=(64,), impl=("fused", "materialized"), reps=5)
-  common.fan_out("benchmarks.inference", p.parse_args(), run_one)
-
-
-if __name__ == "__main__":
-  main()

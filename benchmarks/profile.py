@@ -1,15 +1,13 @@
 """Where a training step's time goes: a jax.profiler trace, summed per op.
 
-Traces a few steps of the benchmark's training step (benchmarks.train_step)
+Traces a few steps of the benchmark's training step (`benchmarks.train_step`)
 and reads the Perfetto trace that jax.profiler writes: on GPU the kernels of
 the device's streams, on CPU the XLA ops of the executing threads. Prints one
 JSON record (the share of matrix products and convolutions, the top ops) and
-a table on stderr; the raw trace stays in --trace-dir for TensorBoard/XProf.
-The matmul/conv share is given for device traces only (see `run_one`). Ops
-on several host threads overlap, so host "busy" time can exceed the step.
-
-  python -m benchmarks.profile --batch 256 --impl fused --dtype float32
-  python -m benchmarks.profile --batch 16 --trace-dir /tmp/trace
+a table on stderr; the raw trace stays in `Measurement.trace_dir` (run.py's
+--trace-dir) for TensorBoard/XProf. The matmul/conv share is given for device
+traces only (see `run`). Ops on several host threads overlap, so host "busy"
+time can exceed the step.
 """
 
 import collections
@@ -81,46 +79,34 @@ def op_times(events: list[dict]) -> tuple[str, collections.Counter]:
   return where, times
 
 
-def run_one(args, c):
-  step = train_step.compiled_step(args, c)
-  model, x, call = step.model, step.images, step.call
+def run(m: common.Measurement) -> None:
+  step = train_step.compiled_step(m)
+  x, call = step.images, step.call
   for _ in range(2):
     call()
-  trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="codajax_trace_")
+  trace_dir = m.trace_dir or tempfile.mkdtemp(prefix="codajax_trace_")
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-    for _ in range(args.steps):
+    for _ in range(m.profile_steps):
       call()
   where, times = op_times(read_trace(trace_dir))
   total = sum(times.values())
   # On the host the split is not known: XLA:CPU runs most dots inside
   # YNNPACK fusions ("ynn_fusion.N") whose names do not say what they hold.
   matmul = sum(t for n, t in times.items() if MATMUL.search(n)) if where == "device" else None
-  per_step = lambda us: us / args.steps / 1e3   # ms
+  per_step = lambda us: us / m.profile_steps / 1e3   # ms
   top = [{"op": n, "ms_per_step": per_step(t), "share": t / total if total else None,
           "matmul": bool(MATMUL.search(n)) if matmul is not None else None}
-         for n, t in times.most_common(args.top)]
+         for n, t in times.most_common(m.profile_top)]
   share = matmul / total if matmul is not None and total else None
   common.emit(common.record(
-      "profile", args, c, model, x, steps=args.steps, where=where, trace_dir=trace_dir,
+      "profile", m, x, steps=m.profile_steps, where=where, trace_dir=trace_dir,
       busy_ms_per_step=per_step(total),
       matmul_ms_per_step=None if matmul is None else per_step(matmul),
       matmul_share=share, top_ops=top))
   split = "matmul/conv n/a on the host" if share is None else \
       f"matmul/conv {per_step(matmul):.2f} ms ({share:.0%})"
-  print(f"# {args.model} {c['impl']} {c['dtype']} batch {c['batch']}: {where} busy "
-        f"{per_step(total):.2f} ms/step, {split}", file=sys.stderr)
+  print(f"# {m.label()}: {where} busy {per_step(total):.2f} ms/step, {split}",
+        file=sys.stderr)
   for t in top:
     print(f"#   {t['ms_per_step']:9.3f} ms {t['share']:6.1%} {'M' if t['matmul'] else ' '} "
           f"{t['op'][:100]}", file=sys.stderr)
-
-
-def main():
-  p = common.parser(__doc__, batch=(16,), impl=("fused",))
-  p.add_argument("--steps", type=int, default=3, help="traced steps")
-  p.add_argument("--top", type=int, default=25, help="ops listed")
-  p.add_argument("--trace-dir", default=None, help="default: a new temporary folder")
-  common.fan_out("benchmarks.profile", p.parse_args(), run_one)
-
-
-if __name__ == "__main__":
-  main()

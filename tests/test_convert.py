@@ -7,16 +7,14 @@ output), in float64 numpy and NCHW, sharing nothing with codajax.
 
 import os
 import sys
-import tempfile
 import types
 from unittest import mock
 
 from absl import flags
-from absl.testing import parameterized
 import chex
 import jax
-import ml_collections
 import numpy as np
+import pytest
 
 import codajax
 from codajax import convert
@@ -129,9 +127,14 @@ class FakeTensor:
     return self.a
 
 
-class ConvertTest(chex.TestCase):
+# Every impl, and the fused impl with every contraction (the materialised impl has none).
+VARIANTS = [("materialized", "auto")] + [("fused", c) for c in models.CONTRACTIONS]
 
-  @parameterized.product(norm=("squash", "l2"), prefix=("", "module."))
+
+class TestFromTorchStateDict:
+
+  @pytest.mark.parametrize("prefix", ["", "module."])
+  @pytest.mark.parametrize("norm", ["squash", "l2"])
   def test_logits_match_reference_forward(self, norm, prefix):
     sd = random_state_dict(prefix=prefix)
     model = make_model(norm)
@@ -141,18 +144,17 @@ class ConvertTest(chex.TestCase):
     ref = reference_logits(sd, x, norm, model.temperature, model.logit_bias)
     chex.assert_shape(logits, (2, 5))
     # Dot products must not be negligible next to the bias, or the test is weak.
-    self.assertGreater(np.abs(ref - model.logit_bias).max(), 0.1)
+    assert np.abs(ref - model.logit_bias).max() > 0.1
     np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
-  def test_every_impl_matches_reference_forward(self):
+  @pytest.mark.parametrize("impl,contraction", VARIANTS)
+  def test_every_impl_matches_reference_forward(self, impl, contraction):
     sd = random_state_dict(seed=2)
     x = np.random.default_rng(3).uniform(size=(2, 9, 7, IMAGE_CHANNELS)).astype(np.float32)
-    ref = reference_logits(sd, x, "squash", 3.0, models.DEFAULT_LOGIT_BIAS)
-    for impl in models.IMPLS:
-      model = make_model(impl=impl)
-      logits = apply(model, convert.from_torch_state_dict(model, sd), x)
-      np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(),
-                                 err_msg=impl)
+    model = make_model(impl=impl, contraction=contraction)
+    ref = reference_logits(sd, x, "squash", 3.0, model.logit_bias)
+    logits = apply(model, convert.from_torch_state_dict(model, sd), x)
+    np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
   def test_reference_rejects_unpermuted_weights(self):
     # The same test with A, b taken in torch's channel order must fail, or the
@@ -166,7 +168,7 @@ class ConvertTest(chex.TestCase):
       layer["b"] = sd[f"{i}.weight_mod.weighting_f.1.bias"]
     x = np.random.default_rng(1).uniform(size=(2, 9, 7, IMAGE_CHANNELS)).astype(np.float32)
     ref = reference_logits(sd, x, "squash", model.temperature, model.logit_bias)
-    self.assertFalse(np.allclose(apply(model, variables, x), ref, rtol=1e-3))
+    assert not np.allclose(apply(model, variables, x), ref, rtol=1e-3)
 
   def test_tree_matches_init_and_round_trips(self):
     sd = random_state_dict()
@@ -175,10 +177,10 @@ class ConvertTest(chex.TestCase):
     init = jax.eval_shape(model.init, jax.random.key(0),
                           np.zeros((1, 9, 7, IMAGE_CHANNELS), np.float32))
     chex.assert_trees_all_equal_shapes_and_dtypes(variables, init)
-    self.assertEqual(count(variables), count(sd))
-    self.assertEqual(count(variables), count(init))
+    assert count(variables) == count(sd)
+    assert count(variables) == count(init)
     back = convert.to_torch_state_dict(variables)
-    self.assertEqual(set(back), set(sd))
+    assert set(back) == set(sd)
     for k in sd:
       np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
 
@@ -187,55 +189,53 @@ class ConvertTest(chex.TestCase):
     del sd["1.weight_mod.weighting_f.1.bias"]
     sd["3.weight_mod.weighting_f.0.weight"] = np.zeros((2, 5, 1, 1), np.float32)
     sd["2.weight_mod.weighting_f.0.weight"] = np.zeros((8, 7, 1, 1), np.float32)
-    with self.assertRaises(ValueError) as cm:
+    with pytest.raises(ValueError) as e:
       convert.from_torch_state_dict(make_model(), sd)
-    msg = str(cm.exception)
-    self.assertIn("missing key '1.weight_mod.weighting_f.1.bias' (expected shape (378,))", msg)
-    self.assertIn("unexpected key '3.weight_mod.weighting_f.0.weight'", msg)
-    self.assertIn("mis-shaped key '2.weight_mod.weighting_f.0.weight': expected "
-                  "(3, 7, 1, 1), got (8, 7, 1, 1)", msg)
-    self.assertIn("3 problem(s)", msg)
-    self.assertIn("ranks: checkpoint (4, 5, 8, 2), model (4, 5, 3)", msg)
-    self.assertIn("temperature", msg)
+    msg = str(e.value)
+    assert "missing key '1.weight_mod.weighting_f.1.bias' (expected shape (378,))" in msg
+    assert "unexpected key '3.weight_mod.weighting_f.0.weight'" in msg
+    assert ("mis-shaped key '2.weight_mod.weighting_f.0.weight': expected "
+            "(3, 7, 1, 1), got (8, 7, 1, 1)") in msg
+    assert "3 problem(s)" in msg
+    assert "ranks: checkpoint (4, 5, 8, 2), model (4, 5, 3)" in msg
+    assert "temperature" in msg
 
   def test_wrong_preset_is_reported(self):
-    with self.assertRaisesRegex(ValueError, r"out_channels: checkpoint \(6, 7, 5\), "
-                                r"model \(8, 8, 10\)"):
+    with pytest.raises(ValueError, match=r"out_channels: checkpoint \(6, 7, 5\), "
+                       r"model \(8, 8, 10\)"):
       convert.from_torch_state_dict(models.tiny(), random_state_dict())
 
   def test_odd_input_channels_rejected(self):
     sd = random_state_dict(in_channels=3)
-    with self.assertRaisesRegex(ValueError, "must be even"):
+    with pytest.raises(ValueError, match="must be even"):
       convert.from_torch_state_dict(make_model(), sd)
 
   def test_missing_first_weight_still_lists_all(self):
     sd = random_state_dict()
     del sd["0.weight_mod.weighting_f.0.weight"]
-    with self.assertRaises(ValueError) as cm:
+    with pytest.raises(ValueError) as e:
       convert.from_torch_state_dict(make_model(), sd)
     # C_in is recovered from layer 0's A, so the missing weight's shape is known.
-    self.assertIn("'0.weight_mod.weighting_f.0.weight' (expected shape (4, 6, 3, 3))",
-                  str(cm.exception))
+    assert "'0.weight_mod.weighting_f.0.weight' (expected shape (4, 6, 3, 3))" in str(e.value)
 
   def test_unwrap_and_tensor_conversion(self):
     sd = random_state_dict()
     wrapped = {"epoch": 200,
                "state_dict": {k: FakeTensor(v.astype(np.float16)) for k, v in sd.items()}}
     out = convert.unwrap_state_dict({"model": wrapped})
-    self.assertEqual(set(out), set(sd))
+    assert set(out) == set(sd)
     for k, v in out.items():
-      self.assertEqual(v.dtype, np.float32)
+      assert v.dtype == np.float32
       np.testing.assert_allclose(v, sd[k], rtol=1e-3, atol=1e-3)
-    with self.assertRaisesRegex(ValueError, "state_dict"):
+    with pytest.raises(ValueError, match="state_dict"):
       convert.unwrap_state_dict([1, 2])
 
 
-class CommandLineTest(chex.TestCase):
+class TestCommandLine:
 
-  def setUp(self):
-    super().setUp()
-    # Not absltest's create_tempdir: that needs absl flags parsed, which pytest does not.
-    self.tmp = self.enter_context(tempfile.TemporaryDirectory())
+  @pytest.fixture(autouse=True)
+  def _tmp(self, tmp_path):
+    self.tmp = str(tmp_path)
 
   def _file(self, name, content="x"):
     path = os.path.join(self.tmp, name)
@@ -255,16 +255,16 @@ class CommandLineTest(chex.TestCase):
     ckpt = self._file("model.pkl")
     fv = self._flags(ckpt, os.path.join(self.tmp, "workdir"))
     with mock.patch.dict(sys.modules, {"torch": None}):
-      with self.assertRaises(SystemExit) as cm:
+      with pytest.raises(SystemExit) as e:
         convert.main(["convert"], flag_values=fv)
-    self.assertIn("pip install codajax[torch]", str(cm.exception.code))
+    assert "pip install codajax[torch]" in str(e.value.code)
 
   def test_missing_file_exits_clearly(self):
     fv = self._flags("/nonexistent/model.pkl", os.path.join(self.tmp, "workdir"))
-    with self.assertRaises(SystemExit) as cm:
+    with pytest.raises(SystemExit) as e:
       convert.main(["convert"], flag_values=fv)
-    self.assertIn("/nonexistent/model.pkl", str(cm.exception.code))
-    self.assertIn("does not exist", str(cm.exception.code))
+    assert "/nonexistent/model.pkl" in str(e.value.code)
+    assert "does not exist" in str(e.value.code)
 
   def test_end_to_end_with_fake_torch(self):
     sd = random_state_dict(prefix="module.")
@@ -291,15 +291,10 @@ class CommandLineTest(chex.TestCase):
         mock.patch.object(codajax, "checkpoint", fake_checkpoint, create=True):
       convert.main(["convert"], flag_values=fv)
 
-    self.assertEqual(loads, [(ckpt, {"map_location": "cpu", "weights_only": True})])
+    assert loads == [(ckpt, {"map_location": "cpu", "weights_only": True})]
     (wd, params, meta), = saves
-    self.assertEqual(wd, workdir)
-    self.assertEqual(meta["source"], os.path.abspath(ckpt))
-    self.assertEqual(tuple(meta["model"]["ranks"]), ARCH["ranks"])
+    assert wd == workdir
+    assert meta["source"] == os.path.abspath(ckpt)
+    assert tuple(meta["model"]["ranks"]) == ARCH["ranks"]
     expected = convert.from_torch_state_dict(make_model(), sd)["params"]
     chex.assert_trees_all_equal(params, expected)
-
-
-if __name__ == "__main__":
-  from absl.testing import absltest
-  absltest.main()
