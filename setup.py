@@ -28,7 +28,7 @@ setuptools.setup(
         "tensorflow-datasets>=4.9.10",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.6", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "hypothesis>=6.100", "pyflakes>=3.2"],
         # Only to read the authors' .pkl/.pt checkpoints (codajax.convert).
         "torch": ["torch>=2.4"],
     },
