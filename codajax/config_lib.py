@@ -11,12 +11,27 @@ configs can be read and written anywhere.
 """
 
 import math
+import os
+import re
 
 import ml_collections
 
 from codajax import architectures
 
 TINY_ARGS = ("tiny", "runlocal")
+# The known values of the string fields (codajax.models, codajax.dau,
+# codajax.steps and codajax.input_pipeline; tests check that they agree).
+LR_SCHEDULES = ("constant", "cosine", "step", "warmup_step")
+AUGMENTS = ("none", "crop_flip", "imagenet")
+DTYPES = ("float32", "bfloat16")
+IMPLS = ("fused", "materialized")
+CONTRACTIONS = ("auto", "conv", "dot")
+NORMS = ("squash", "l2")
+LOCAL_DATASETS = ("digits", "idx", "image_folder")
+
+
+class ConfigError(ValueError):
+  """A config that cannot work, one line per problem naming the field and the fix."""
 
 
 def model_config(out_channels, ranks, kernel_sizes, strides, paddings, **fields):
@@ -90,7 +105,7 @@ def parse_arg(arg):
   tiny = any(p in TINY_ARGS for p in parts)
   rest = [p for p in parts if p not in TINY_ARGS]
   if len(rest) > 1:
-    raise ValueError(f"config arg {arg!r}: give at most one variant name plus ',tiny'.")
+    raise ConfigError(f"config arg {arg!r}: give at most one variant name plus ',tiny'.")
   return (rest[0] if rest else None), tiny
 
 
@@ -103,8 +118,11 @@ def start(arg, name: str, variants=(), default=None):
   variant, tiny = parse_arg(arg)
   variant = variant or default
   if variant is not None and variant not in variants:
-    raise ValueError(f"Unknown {name} variant {variant!r}; choose one of "
-                     f"{list(variants)}" + (" or none." if default is None else "."))
+    if not variants:
+      raise ConfigError(f"Unknown {name} variant {variant!r}: configs/{name}.py takes no "
+                        "variant name, only ',tiny'.")
+    raise ConfigError(f"Unknown {name} variant {variant!r}; choose one of "
+                      f"{list(variants)}" + (" or none." if default is None else "."))
   c = base_config()
   c.variant = variant or ""
   return c, tiny
@@ -147,19 +165,175 @@ def resolve(config, num_classes: int, num_devices: int) -> ml_collections.Config
     out[-1] = num_classes
     config.model.out_channels = tuple(out)
   if out[-1] != num_classes:
-    raise ValueError(
+    raise ConfigError(
         f"config.model.out_channels ends in {out[-1]} but the data has "
         f"{num_classes} classes; set the last entry to {num_classes} (or -1).")
   if config.grad_accum_steps < 1 or config.batch_size % config.grad_accum_steps:
-    raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of "
+    raise ConfigError(f"config.batch_size={config.batch_size} must be a multiple of "
                      f"config.grad_accum_steps={config.grad_accum_steps} (>= 1).")
   micro = config.batch_size // config.grad_accum_steps
   if micro % num_devices:
-    raise ValueError(
+    raise ConfigError(
         f"The per-step batch batch_size // grad_accum_steps = {micro} must be a "
         f"multiple of the {num_devices} devices; change config.batch_size.")
   if config.eval_batch_size % num_devices:
     config.eval_batch_size = num_devices * max(1, config.eval_batch_size // num_devices)
   if config.learning_rate <= 0 or not math.isfinite(config.learning_rate):
-    raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}.")
+    raise ConfigError(f"config.learning_rate must be > 0, got {config.learning_rate}.")
   return config.lock()
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate(config) -> None:
+  """Checks the whole config once, before any work; raises one ConfigError.
+
+  Its message has one line per problem, naming the field and the fix.
+  """
+  problems = []
+
+  def need(ok, field, rule):
+    if not ok:
+      value = config
+      for part in field.split("."):
+        value = value[part]
+      problems.append(f"config.{field}={value!r}: {rule}")
+
+  for f in ("batch_size", "eval_batch_size", "grad_accum_steps", "log_every_steps",
+            "keep_checkpoints", "shuffle_buffer"):
+    need(_is_int(config[f]) and config[f] >= 1, f, "must be an integer >= 1.")
+  need(_is_int(config.num_explain) and config.num_explain >= 1, "num_explain",
+       "must be an integer >= 1 (the test images explained); for no figures set "
+       "config.explain_at_end=False.")
+  if not problems and config.batch_size % config.grad_accum_steps:
+    need(False, "batch_size", "must be a multiple of config.grad_accum_steps="
+         f"{config.grad_accum_steps}.")
+  if not (_is_int(config.num_steps) and config.num_steps > 0):
+    need(_number(config.num_epochs) and config.num_epochs > 0, "num_epochs",
+         "must be > 0 (or set config.num_steps > 0, which overrides it).")
+  need(_is_int(config.seed) and 0 <= config.seed < 2**32, "seed",
+       "must be an integer in [0, 2**32).")
+  need(_number(config.learning_rate) and config.learning_rate > 0, "learning_rate",
+       "must be a finite number > 0.")
+  for f in ("weight_decay", "matrix_reg_lambda", "warmup_epochs", "warmup_start_lr"):
+    need(_number(config[f]) and config[f] >= 0, f, "must be a finite number >= 0.")
+  need(_number(config.lr_decay_every_epochs) and config.lr_decay_every_epochs > 0,
+       "lr_decay_every_epochs", "must be > 0.")
+  need(_number(config.lr_decay_factor) and config.lr_decay_factor > 0, "lr_decay_factor",
+       "must be > 0.")
+  need(config.lr_schedule in LR_SCHEDULES, "lr_schedule", f"use one of {LR_SCHEDULES}.")
+  need(config.augment in AUGMENTS, "augment", f"use one of {AUGMENTS}.")
+  for f in ("class_subset", "randaugment_layers"):
+    need(_is_int(config[f]) and config[f] >= 0, f, "must be an integer >= 0.")
+  need(_number(config.randaugment_magnitude) and 0 <= config.randaugment_magnitude <= 30,
+       "randaugment_magnitude", "must be in [0, 30].")
+  need(_is_int(config.matrix_reg_classes) and config.matrix_reg_classes >= 1,
+       "matrix_reg_classes", "must be an integer >= 1.")
+  for f in ("image_size", "resize_size", "num_classes"):
+    need(config[f] is None or (_is_int(config[f]) and config[f] >= 1), f,
+         "must be an integer >= 1 (or unset).")
+  if config.augment == "imagenet":
+    need(config.resize_size is not None, "resize_size",
+         "must be set (the short side before the crop) when config.augment='imagenet'.")
+  need(config.dataset in LOCAL_DATASETS or (
+      isinstance(config.dataset, str) and config.dataset.startswith("tfds:")
+      and len(config.dataset) > 5), "dataset",
+       f"use 'tfds:<name>' or one of {LOCAL_DATASETS}.")
+  _validate_model(config, need)
+  if problems:
+    raise ConfigError("\n".join(problems))
+
+
+def _validate_model(config, need) -> None:
+  m = config.model
+  need(m.dtype in DTYPES, "model.dtype", f"use one of {DTYPES}.")
+  need(m.impl in IMPLS, "model.impl", f"use one of {IMPLS}.")
+  need(m.contraction in CONTRACTIONS, "model.contraction", f"use one of {CONTRACTIONS}.")
+  need(m.norm in NORMS, "model.norm", f"use one of {NORMS}.")
+  need(_number(m.temperature) and m.temperature > 0, "model.temperature",
+       "must be a finite number > 0.")
+  need(_number(m.logit_bias), "model.logit_bias", "must be a finite number.")
+  ok = []
+  for f in architectures.LAYER_FIELDS:
+    seq = m[f]
+    good = isinstance(seq, (tuple, list)) and len(seq) > 0 and all(map(_is_int, seq))
+    need(good, f"model.{f}", "must be a sequence of integers, one per layer, e.g. "
+         f"--config.model.{f}='(1, 2, 3)'.")
+    ok.append(good)
+  if not all(ok):
+    return
+  n = len(m.out_channels)
+  for f in architectures.LAYER_FIELDS[1:]:
+    need(len(m[f]) == n, f"model.{f}",
+         f"has {len(m[f])} entries but model.out_channels has {n}; give one per layer.")
+  out = list(m.out_channels)
+  need(all(c >= 1 for c in out[:-1]) and (out[-1] >= 1 or out[-1] == -1),
+       "model.out_channels", "entries must be >= 1 (the last may be -1: from the data).")
+  for f in ("ranks", "kernel_sizes", "strides"):
+    need(all(v >= 1 for v in m[f]), f"model.{f}", "entries must be >= 1.")
+  need(all(0 <= p < k for p, k in zip(m.paddings, m.kernel_sizes)), "model.paddings",
+       "entries must satisfy 0 <= padding < kernel size.")
+
+
+def one_line(error: BaseException) -> str:
+  """`codajax: <Type>: <message>`, one such line per line of the message."""
+  return "\n".join(f"codajax: {type(error).__name__}: {line}"
+                   for line in str(error).splitlines() or [""])
+
+
+def _config_flag_arg(argv) -> str:
+  for i, a in enumerate(argv[1:], 1):
+    if a in ("--config", "-config") and i + 1 < len(argv):
+      return argv[i + 1]
+    if a.startswith(("--config=", "-config=")):
+      return a.split("=", 1)[1]
+  return ""
+
+
+def _parse_error(error: BaseException, argv, path: str) -> ConfigError:
+  """A ConfigError naming the argument behind an error of absl/ml_collections."""
+  while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError)
+    error = error.args[0]
+  lines = [l.strip() for l in str(error.args[0] if error.args else error).splitlines()]
+  lines = [l for l in lines if l]
+  if isinstance(error, (KeyError, AttributeError)):  # A misspelt override.
+    key = (lines or ["?"])[0].strip("'\"")
+    arg = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")
+                and key in a.split("=", 1)[0].split(".")), "--config.<field>")
+    hint = " ".join(lines[1:]) or "The fields are those of codajax/config_lib.py:base_config."
+    return ConfigError(f"{arg}: the config has no field {key!r}. {hint}")
+  if "Error whilst parsing config file" in str(error):  # get_config raised.
+    last = re.sub(r"^[\w.]*(Error|Exception): ", "", lines[-1]) if lines else str(error)
+    return ConfigError(f"--config={path}: {last}")
+  return ConfigError(f"--config={path}: cannot load the config: {' '.join(lines)}")
+
+
+def parse_flags(argv):
+  """absl flag parsing (`app.run(main, flags_parser=parse_flags)`) with one line,
+  not a traceback, for a missing config file, a bad variant, a misspelt
+  override or a config that fails `validate`."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  path = _config_flag_arg(argv)
+  try:
+    if path and not os.path.isfile(path.split(":", 1)[0]):
+      raise ConfigError(
+          f"--config={path}: no such config file {path.split(':', 1)[0]!r} (relative to "
+          f"{os.getcwd()}); give configs/<name>.py[:variant].")
+    try:
+      rest = flags.FLAGS(argv)
+      validate(flags.FLAGS.config)
+    except flags.Error as e:
+      if "Error whilst parsing config file" not in str(e):
+        raise SystemExit(one_line(e).replace("\n", " ")) from None
+      raise _parse_error(e, argv, path) from None
+    except (KeyError, AttributeError, OSError) as e:
+      raise _parse_error(e, argv, path) from None
+  except ConfigError as e:
+    raise SystemExit(one_line(e)) from None
+  return rest

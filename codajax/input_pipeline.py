@@ -8,10 +8,9 @@ Every source yields per-host examples {"image": uint8 (H, W, C), "label": int}:
 
 Training streams are deterministic functions of (config.seed, step): epoch e is
 the host's shard shuffled with a seed derived from (seed, e), augmented with
-stateless per-example seeds. A resumed run therefore sees exactly the batches
-an uninterrupted run would. Evaluation covers every test example exactly once:
-each host pads its shard to the same number of batches and marks padding with
-mask = 0.
+stateless per-example seeds, so a resumed run sees exactly the batches an
+uninterrupted run would. Evaluation covers every test example exactly once: each
+host pads its shard to the same number of batches, with mask = 0.
 """
 
 import dataclasses
@@ -28,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from codajax import config_lib
 from codajax import randaugment
 
 
@@ -42,8 +42,7 @@ class DatasetInfo:
   num_classes: int
   image_shape: tuple      # (H, W, C) of the model input.
   class_names: tuple = ()
-  # Examples in the test split before a class subset is taken (eval streams the
-  # whole split and masks the other classes, so uneven hosts lose nothing).
+  # Test examples before a class subset is taken (eval masks the other classes).
   num_test_stream: Optional[int] = None
 
 
@@ -60,19 +59,17 @@ def _digits(image_size):
   images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
   scale = image_size // 8
   if scale * 8 != image_size:
-    raise ValueError(f"digits: image_size must be a multiple of 8, got {image_size}.")
+    raise config_lib.ConfigError(f"config.image_size={image_size}: digits needs a multiple of 8.")
   images = images.repeat(scale, axis=1).repeat(scale, axis=2)
   labels = d.target.astype(np.int64)
   order = np.random.RandomState(0).permutation(len(labels))  # Fixed split.
-  n_test = len(labels) // 5
-  test, train = order[:n_test], order[n_test:]
+  test, train = order[:len(labels) // 5], order[len(labels) // 5:]
   return ((images[train], labels[train]), (images[test], labels[test]),
           tuple(str(i) for i in range(10)))
 
 
 def _read_idx(path):
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
+  with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
     data = f.read()
   magic = int.from_bytes(data[:4], "big")
   ndim = magic & 0xFF
@@ -90,11 +87,10 @@ def _idx(root):
     for name in (stem, stem + ".gz"):
       if root and os.path.exists(os.path.join(root, name)):
         return os.path.join(root, name)
-    raise DataError(
-        f"IDX data: no {stem}[.gz] in data_dir={root!r}. Point --config.data_dir at "
-        "a folder with the standard files (on Debian: apt-get install "
-        "dataset-fashion-mnist, which installs /usr/share/datasets/fashion-mnist), "
-        "or use the ':tfds' variant of the config.")
+    raise DataError(f"IDX data: no {stem}[.gz] in data_dir={root!r}. Point --config.data_dir"
+                    " at a folder with the standard files (on Debian: apt-get install dataset-"
+                    "fashion-mnist, which installs /usr/share/datasets/fashion-mnist), or use "
+                    "the ':tfds' variant of the config.")
   out = []
   for prefix in ("train", "t10k"):
     images = _read_idx(find(f"{prefix}-images-idx3-ubyte"))[..., None]
@@ -117,12 +113,16 @@ def _folder_files(data_dir, split):
         "<data_dir>/{train,test}/<class>/*.png|jpg; set --config.data_dir.")
   classes = sorted(d for d in os.listdir(os.path.join(data_dir, "train"))
                    if os.path.isdir(os.path.join(data_dir, "train", d)))
+  extra = sorted(d for d in set(os.listdir(root)) - set(classes) if os.path.isdir(
+      os.path.join(root, d)))  # Its images would be dropped from evaluation silently.
+  if extra:
+    raise DataError(f"image_folder: class folder {os.path.join(root, extra[0])!r} is not in "
+                    f"{os.path.join(data_dir, 'train')!r} ({len(extra)} such); give the "
+                    "class training images or remove the folder.")
   files, labels = [], []
   for i, c in enumerate(classes):
-    folder = os.path.join(root, c)
-    if not os.path.isdir(folder):
-      continue
-    for f in sorted(os.listdir(folder)):
+    folder = os.path.join(root, c)  # A class may have no test folder.
+    for f in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
       if f.lower().endswith(IMAGE_EXTENSIONS):
         files.append(os.path.join(folder, f))
         labels.append(i)
@@ -143,8 +143,7 @@ def _tfds_builder(config):
   return builder
 
 
-def _in_memory(config):
-  """(train, test, class_names) as numpy arrays or file lists, for non-tfds sources."""
+def _in_memory(config):  # (train, test, class_names): arrays or file lists (not tfds).
   return _load_in_memory(config.dataset, config.data_dir, config.image_size)
 
 
@@ -157,18 +156,16 @@ def _load_in_memory(dataset, data_dir, image_size):
   if dataset == "image_folder":
     tr, te = _folder_files(data_dir, "train"), _folder_files(data_dir, "test")
     return tr[:2], te[:2], tr[2]
-  raise ValueError(
-      f"config.dataset={dataset!r} is not one of 'tfds:<name>', 'digits', "
-      "'idx', 'image_folder'.")
+  raise config_lib.ConfigError(f"config.dataset={dataset!r} is not one of 'tfds:<name>', "
+                               "'digits', 'idx', 'image_folder'.")
 
 
 def _subset_counts(builder, config):
   """Train/test sizes after restricting labels to < class_subset (from prepare)."""
   path = os.path.join(builder.data_dir, f"codajax_subset_{config.class_subset}.json")
   if not os.path.exists(path):
-    raise DataError(
-        f"Missing {path}: the class-subset sizes are counted once by "
-        "python -m codajax.prepare --config <this config>.")
+    raise DataError(f"Missing {path}: the class-subset sizes are counted once by "
+                    "python -m codajax.prepare --config <this config>.")
   with open(path) as f:
     return json.load(f)
 
@@ -187,16 +184,15 @@ def get_info(config) -> DatasetInfo:
       num_train, num_test = counts[config.train_split], counts[config.test_split]
       num_classes, names = config.class_subset, names[:config.class_subset]
     else:
-      num_train = info.splits[config.train_split].num_examples
-      num_test = info.splits[config.test_split].num_examples
+      num_train, num_test = (info.splits[s].num_examples
+                             for s in (config.train_split, config.test_split))
     num_stream = info.splits[config.test_split].num_examples
   else:
     (tr_x, _), (te_x, _), names = _in_memory(config)
-    num_train, num_test, num_classes = len(tr_x), len(te_x), len(names)
-    num_stream = num_test
+    num_train, num_test, num_classes, num_stream = len(tr_x), len(te_x), len(names), len(te_x)
     channels = 3 if config.dataset == "image_folder" else tr_x.shape[-1]
   if config.num_classes is not None and config.num_classes != num_classes:
-    raise ValueError(
+    raise config_lib.ConfigError(
         f"config.num_classes={config.num_classes} but the data has {num_classes} "
         "classes; unset it or fix the data.")
   return DatasetInfo(num_train, num_test, num_classes, (size, size, channels), names,
@@ -216,17 +212,16 @@ def _host_dataset(config, split: str, train: bool, shuffle_seed=None) -> tf.data
     ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
     if config.class_subset and train:
       ds = ds.filter(lambda ex: ex["label"] < config.class_subset)
-    return ds
+    return _checked(ds)
   tr, te, _ = _in_memory(config)
   x, y = tr if train else te
   x, y = x[index::count], y[index::count]
   ds = tf.data.Dataset.from_tensor_slices({"image": x, "label": y})
   if config.dataset == "image_folder":
-    channels = 3
     ds = ds.map(lambda ex: {"image": tf.io.decode_image(
-        tf.io.read_file(ex["image"]), channels=channels, expand_animations=False),
+        tf.io.read_file(ex["image"]), channels=3, expand_animations=False),
                             "label": ex["label"]}, num_parallel_calls=tf.data.AUTOTUNE)
-  return ds
+  return _checked(ds)
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -239,10 +234,41 @@ def _resize_short(image, size):
   return tf.image.resize(image, tf.maximum(new, size), antialias=True)
 
 
+RANGE = "images must be uint8 (0..255) or floats in [0, 1]"
+
+
+def _to_unit_range(image):
+  """uint8/uint16 -> [0, 1]; floats checked (a min and a max per image)."""
+  if image.dtype in (tf.uint8, tf.uint16):
+    return tf.image.convert_image_dtype(image, tf.float32)
+  with tf.control_dependencies([tf.debugging.Assert(
+      (tf.reduce_min(image) >= 0) & (tf.reduce_max(image) <= 1), [RANGE])]):
+    return tf.cast(image, tf.float32)
+
+
+def _checked(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """Refuses integer images other than uint8/uint16 (as int32, 0..255 would scale to ~0)."""
+  if not (ds.element_spec["image"].dtype in (tf.uint8, tf.uint16)
+          or ds.element_spec["image"].dtype.is_floating):
+    raise DataError(f"The data set gives {ds.element_spec['image'].dtype.name} images; {RANGE}.")
+  return ds
+
+
+def _numpy(ds: tf.data.Dataset, dataset: str) -> Iterator[dict]:
+  """`ds.as_numpy_iterator()`, with a DataError for images out of range."""
+  try:
+    yield from ds.as_numpy_iterator()
+  except tf.errors.InvalidArgumentError as e:
+    if RANGE in str(e):
+      raise DataError(f"config.dataset={dataset!r} has float images outside [0, 1]: "
+                      f"{RANGE}; divide them by 255 or store uint8.") from None
+    raise
+
+
 def preprocess(config, image, train: bool, seed):
   """uint8 (H, W, C) -> float32 in [0, 1] of shape (S, S, C); `seed` is (2,) int."""
   size = config.image_size
-  image = tf.image.convert_image_dtype(image, tf.float32)
+  image = _to_unit_range(image)
   seeds = tf.random.experimental.stateless_split(seed, 4)
   if config.augment == "imagenet":
     image = _resize_short(image, config.resize_size)
@@ -261,9 +287,9 @@ def preprocess(config, image, train: bool, seed):
       image = tf.image.stateless_random_crop(image, tf.shape(image[4:-4, 4:-4]), seeds[0])
       image = tf.image.stateless_random_flip_left_right(image, seeds[1])
     elif config.augment not in ("none", "crop_flip"):
-      raise ValueError(f"config.augment={config.augment!r}: use none, crop_flip or imagenet.")
-  image = tf.ensure_shape(image, (size, size, None))
-  return tf.clip_by_value(image, 0.0, 1.0)
+      raise config_lib.ConfigError(
+          f"config.augment={config.augment!r}: use none, crop_flip or imagenet.")
+  return tf.clip_by_value(tf.ensure_shape(image, (size, size, None)), 0.0, 1.0)
 
 
 def _epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
@@ -303,7 +329,7 @@ def train_batches(config, info: DatasetInfo, start_step: int = 0) -> Iterator[di
         "label": tf.cast(ex["label"], tf.int32)}, num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True)
     ds = ds.batch(local, drop_remainder=True).prefetch(2)
-    yield from ds.as_numpy_iterator()
+    yield from _numpy(ds, config.dataset)
     epoch, skip = epoch + 1, 0
 
 
@@ -336,16 +362,15 @@ def eval_batches(config, info: DatasetInfo) -> Iterator[dict]:
       "image": tf.zeros(info.image_shape, tf.float32), "label": tf.constant(0, tf.int32),
       "mask": tf.constant(0.0)}).repeat()
   ds = ds.take(n).concatenate(pad).take(n).batch(local).prefetch(2)
-  return ds.as_numpy_iterator()
+  return _numpy(ds, config.dataset)
 
 
 def first_test_examples(config, info: DatasetInfo, n: int) -> tuple[np.ndarray, np.ndarray]:
   """(images, labels) of this host's first `n` test examples, preprocessed for eval."""
   images, labels = [], []
   for batch in eval_batches(config, info):
-    keep = batch["mask"] > 0
-    images.append(batch["image"][keep])
-    labels.append(batch["label"][keep])
+    images.append(batch["image"][batch["mask"] > 0])
+    labels.append(batch["label"][batch["mask"] > 0])
     if sum(map(len, images)) >= n:
       break
   return np.concatenate(images)[:n], np.concatenate(labels)[:n]
@@ -353,8 +378,7 @@ def first_test_examples(config, info: DatasetInfo, n: int) -> tuple[np.ndarray, 
 
 def to_global(batch: dict, sharding) -> dict:
   """Per-host numpy batch -> global jax.Arrays sharded over the mesh's data axis."""
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
 def prepare(config) -> None:
@@ -367,10 +391,9 @@ def prepare(config) -> None:
   builder = tfds.builder(name, data_dir=config.data_dir or None)
   builder.download_and_prepare()
   if config.class_subset:
-    counts = {}
-    for split in (config.train_split, config.test_split):
-      ds = builder.as_dataset(split=split).map(lambda ex: ex["label"])
-      counts[split] = int(ds.reduce(0, lambda n, l: n + tf.cast(l < config.class_subset, tf.int32)))
+    counts = {split: int(builder.as_dataset(split=split).map(lambda ex: ex["label"]).reduce(
+        0, lambda n, l: n + tf.cast(l < config.class_subset, tf.int32)))
+              for split in (config.train_split, config.test_split)}
     with open(os.path.join(builder.data_dir, f"codajax_subset_{config.class_subset}.json"), "w") as f:
       json.dump(counts, f)
   logging.info("Prepared %s in %s.", name, builder.data_dir)

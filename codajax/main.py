@@ -17,6 +17,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from codajax import config_lib
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
                                 lock_config=True)
@@ -49,8 +51,9 @@ def main(argv):
   from codajax import checkpoint, input_pipeline  # pylint: disable=g-import-not-at-top
   try:
     result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.mode)
-  except (input_pipeline.DataError, checkpoint.CheckpointError, FloatingPointError) as e:
-    raise SystemExit(f"codajax: {type(e).__name__}: {e}") from None  # One clear line.
+  except (input_pipeline.DataError, checkpoint.CheckpointError, config_lib.ConfigError,
+          FloatingPointError) as e:
+    raise SystemExit(config_lib.one_line(e)) from None  # One clear line.
   if jax.process_index() == 0:
     workdir = os.path.abspath(FLAGS.workdir)
     summary = {k: v for k, v in result.items() if k != "figures"}
@@ -62,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from codajax import architectures
 from codajax import dau
@@ -112,6 +113,7 @@ class CoDANet(nn.Module):
   def encode(self, x: jax.Array) -> jax.Array:
     """[x, 1 - x] on the channel axis, after checking the image shape."""
     check_input_shape(self, x.shape)
+    check_input_values(x)
     return jnp.concatenate([x, 1.0 - x], axis=-1)
 
   def layer_inputs(self, x: jax.Array) -> tuple[list[jax.Array], jax.Array]:
@@ -197,6 +199,24 @@ def check_input_shape(model: CoDANet, shape: Sequence[int]) -> None:
           f"(kernel {k}, stride {s}, padding {p}) would get a {h}x{w} input. Use "
           "larger images or smaller kernels/strides.")
     h, w = dau.output_size(h, k, s, p), dau.output_size(w, k, s, p)
+
+
+def check_input_values(x) -> None:
+  """Raises one clear ValueError for images not in [0, 1]: integer images
+  always; float ones when their values are known (outside jit: a traced
+  value cannot be checked, so inside jit only the dtype is)."""
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(
+        f"CoDANet expects float images with values in [0, 1]; got dtype {x.dtype}. "
+        "Scale 0..255 images first: x.astype(jnp.float32) / 255.")
+  try:
+    values = np.asarray(x)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return
+  if ((values < 0) | (values > 1)).any():  # NaN is left to the caller.
+    raise ValueError(
+        f"CoDANet expects images with values in [0, 1]; got {np.nanmin(values)}.."
+        f"{np.nanmax(values)}. Scale 0..255 images first: x / 255.")
 
 
 def cifar10_9l_s(temperature: float = 1000.0, **kw) -> CoDANet:

@@ -12,6 +12,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from codajax import config_lib
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
                                 lock_config=True)
@@ -32,4 +34,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -213,3 +213,101 @@ def test_resolve_fills_the_classes_and_rejects_bad_configs_with_clear_messages()
     config_lib.resolve(tiny_digits(batch_size=32, grad_accum_steps=3), 10, 8)
   with pytest.raises(ValueError, match="learning_rate must be > 0"):
     config_lib.resolve(tiny_digits(learning_rate=0.0), 10, 8)
+
+
+# ------------------------------------------------------------ validate (issue 9)
+
+
+@pytest.mark.parametrize("name, variant", ALL)
+def test_validate_accepts_every_config(name, variant):
+  for tiny in (False, True):
+    config_lib.validate(FILES[name].get_config(arg(variant, tiny)))
+
+
+def override(*args):
+  """The digits tiny config with command-line overrides, as codajax.main parses it."""
+  argv = ["prog", f"--config={ROOT}/configs/digits.py:tiny", *args]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.batch_size=0"], "config.batch_size=0: must be an integer >= 1."),
+    (["--config.batch_size=-32"], "config.batch_size=-32: must be an integer >= 1."),
+    (["--config.eval_batch_size=0"], "config.eval_batch_size=0: must be"),
+    (["--config.grad_accum_steps=0"], "config.grad_accum_steps=0: must be"),
+    (["--config.grad_accum_steps=3"], "config.batch_size=32: must be a multiple of "
+                                      "config.grad_accum_steps=3."),
+    (["--config.num_epochs=-3", "--config.num_steps=-1"],
+     "config.num_epochs=-3.0: must be > 0 (or set config.num_steps > 0"),
+    (["--config.log_every_steps=0"], "config.log_every_steps=0: must be"),
+    (["--config.num_explain=0"], "config.num_explain=0: must be an integer >= 1 (the test "
+                                 "images explained); for no figures set "
+                                 "config.explain_at_end=False."),
+    (["--config.num_explain=-1"], "config.num_explain=-1: must be"),
+    (["--config.keep_checkpoints=0"], "config.keep_checkpoints=0: must be an integer >= 1."),
+    (["--config.keep_checkpoints=-1"], "config.keep_checkpoints=-1: must be"),
+    (["--config.seed=-1"], "config.seed=-1: must be an integer in [0, 2**32)."),
+    (["--config.learning_rate=0"], "config.learning_rate=0.0: must be a finite number > 0."),
+    (["--config.learning_rate=nan"], "config.learning_rate=nan: must be"),
+    (["--config.lr_schedule=cosin"], "config.lr_schedule='cosin': use one of ('constant', "),
+    (["--config.augment=flip"], "config.augment='flip': use one of ('none', "),
+    (["--config.model.dtype=bfloat61"], "config.model.dtype='bfloat61': use one of "
+                                        "('float32', 'bfloat16')."),
+    (["--config.model.impl=fast"], "config.model.impl='fast': use one of"),
+    (["--config.model.contraction=matmul"], "config.model.contraction='matmul': use one of"),
+    (["--config.model.norm=l1"], "config.model.norm='l1': use one of"),
+    (["--config.model.ranks=abc"], "config.model.ranks=('abc',): must be a sequence of "
+                                   "integers, one per layer"),
+    (["--config.model.ranks=(8,8)"], "config.model.ranks=(8, 8): has 2 entries but "
+                                     "model.out_channels has 4; give one per layer."),
+    (["--config.model.strides=(1,0,1,1)"], "config.model.strides=(1, 0, 1, 1): entries must"),
+    (["--config.model.temperature=0"], "config.model.temperature=0.0: must be"),
+    (["--config.image_size=0"], "config.image_size=0: must be an integer >= 1 (or unset)."),
+    (["--config.dataset=mnist"], "config.dataset='mnist': use 'tfds:<name>' or one of"),
+])
+def test_validate_names_the_field_and_the_fix(args, message):
+  config = override(*args)
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(config)
+  assert str(e.value).startswith(message), str(e.value)
+  assert len(str(e.value).splitlines()) == 1
+  assert isinstance(e.value, ValueError)
+
+
+def test_validate_gives_one_line_per_problem():
+  config = override("--config.batch_size=0", "--config.seed=-1", "--config.model.dtype=x")
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(config)
+  lines = str(e.value).splitlines()
+  assert [l.split(":")[0] for l in lines] == [
+      "config.batch_size=0", "config.seed=-1", "config.model.dtype='x'"]
+
+
+def test_num_steps_overrides_a_bad_num_epochs():
+  config_lib.validate(override("--config.num_epochs=-3", "--config.num_steps=5"))
+
+
+def test_known_values_agree_with_the_modules():
+  from codajax import dau, models, steps  # pylint: disable=g-import-not-at-top
+  assert config_lib.IMPLS == models.IMPLS
+  assert config_lib.CONTRACTIONS == models.CONTRACTIONS
+  assert config_lib.NORMS == dau.NORMS
+  c = digits.get_config("tiny")
+  for schedule in config_lib.LR_SCHEDULES:  # steps knows every one.
+    c.lr_schedule = schedule
+    steps.learning_rate_fn(config_lib.resolve(c, 10, 8), 10.0, 100)
+
+
+@pytest.mark.parametrize("name, bad", [("digits", "typo"), ("image_folder", "big"),
+                                       ("image_folder", "tfds")])
+def test_files_without_variants_refuse_any_variant(name, bad):
+  with pytest.raises(config_lib.ConfigError,
+                     match=f"Unknown {name} variant '{bad}': configs/{name}.py takes no "
+                           "variant name, only ',tiny'."):
+    FILES[name].get_config(bad)
+  with pytest.raises(config_lib.ConfigError, match="variant"):
+    FILES[name].get_config(f"{bad},tiny")

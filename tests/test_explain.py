@@ -445,3 +445,17 @@ def test_explain_uses_no_autodiff():
   source = pathlib.Path(explain.__file__).read_text()
   assert re.search(
       r"jax\.(grad|vjp|jacrev|jacfwd|linear_transpose)|custom_vjp|value_and_grad", source) is None
+
+
+# ------------------------------------------------- issue 9: images not in [0, 1]
+
+
+def test_explain_rejects_uint8_and_0_255_images():
+  model = models.tiny()
+  x = np.full((1, 8, 8, 3), 0.5, np.float32)
+  variables = jax.jit(model.init)(jax.random.key(0), x)
+  explain.explain(model, variables, x, classes=[0])
+  with pytest.raises(ValueError, match=r"got dtype uint8\. Scale 0\.\.255 images first"):
+    explain.explain(model, variables, np.full((1, 8, 8, 3), 128, np.uint8), classes=[0])
+  with pytest.raises(ValueError, match=r"values in \[0, 1\]; got 128\.0\.\.128\.0"):
+    explain.contribution_maps(model, variables, np.full((1, 8, 8, 3), 128.0, np.float32))

@@ -337,3 +337,69 @@ def test_prepare_cli_validates_local_data():
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "1438 training and 359 test examples, 10 classes" in out.stdout
+
+
+# ------------------------------------------------------- issue 9: bad inputs
+
+
+def write_folder(root, counts):
+  for split, per_class in counts.items():
+    for name, n in per_class.items():
+      folder = root / split / name
+      folder.mkdir(parents=True)
+      for i in range(n):
+        image = np.broadcast_to(np.array(COLORS[name], np.uint8), (8, 8, 3))
+        (folder / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
+
+
+def test_image_folder_rejects_a_class_that_only_test_has(tmp_path):
+  """Its images would otherwise be dropped from evaluation without a word."""
+  write_folder(tmp_path, {"train": {"ant": 1, "bee": 1}, "test": {"ant": 1, "cat": 2}})
+  config = image_folder_config.get_config("tiny")
+  config.data_dir = str(tmp_path)
+  with pytest.raises(input_pipeline.DataError) as e:
+    input_pipeline.get_info(config)
+  assert str(e.value) == (
+      f"image_folder: class folder {str(tmp_path / 'test' / 'cat')!r} is not in "
+      f"{str(tmp_path / 'train')!r} (1 such); give the class training images or remove "
+      "the folder.")
+
+
+def fake_source(monkeypatch, images):
+  """Every split of the digits config holds `images` (labels 0)."""
+  split = (images, np.zeros(len(images), np.int64))
+  monkeypatch.setattr(input_pipeline, "_in_memory", lambda config: (split, split, ("0",)))
+  config = digits(batch_size=8, eval_batch_size=8, cache=False)
+  info = input_pipeline.DatasetInfo(len(images), len(images), 10, (16, 16, 1))
+  return config, info
+
+
+def test_float_images_in_0_255_are_rejected(monkeypatch):
+  """Floats above 1 used to be clipped to 1 silently: a white image."""
+  images = np.full((16, 16, 16, 1), 200.0, np.float32)
+  config, info = fake_source(monkeypatch, images)
+  message = ("config.dataset='digits' has float images outside [0, 1]: images must be "
+             "uint8 (0..255) or floats in [0, 1]; divide them by 255 or store uint8.")
+  with pytest.raises(input_pipeline.DataError) as e:
+    next(input_pipeline.eval_batches(config, info))
+  assert str(e.value) == message
+  with pytest.raises(input_pipeline.DataError) as e:
+    next(input_pipeline.train_batches(config, info))
+  assert str(e.value) == message
+
+
+def test_integer_images_other_than_uint8_are_rejected(monkeypatch):
+  """0..255 held as int32 used to be scaled by 2**31 - 1: a black image."""
+  config, info = fake_source(monkeypatch, np.full((16, 16, 16, 1), 200, np.int32))
+  with pytest.raises(input_pipeline.DataError,
+                     match=r"The data set gives int32 images; images must be uint8 \(0..255\) "
+                           r"or floats in \[0, 1\]\."):
+    next(input_pipeline.eval_batches(config, info))
+
+
+def test_float_images_in_0_1_and_uint8_images_pass_unchanged(monkeypatch):
+  ramp = (np.arange(16 * 16 * 16).reshape(16, 16, 16, 1) % 256).astype(np.uint8)
+  for images in (ramp, ramp.astype(np.float32) / 255):
+    config, info = fake_source(monkeypatch, images)
+    batch = next(input_pipeline.eval_batches(config, info))
+    np.testing.assert_allclose(batch["image"], ramp[:8] / 255, atol=1e-6)

@@ -355,3 +355,40 @@ def test_mismatched_layer_lengths_raise(field):
 def test_bad_norm_raises():
   with pytest.raises(ValueError, match="norm must be one of"):
     variable_shapes(models.tiny(norm="l1"), (1, 8, 8, 3))
+
+
+# ------------------------------------------------- issue 9: images not in [0, 1]
+
+
+@pytest.mark.parametrize("dtype", [jnp.uint8, jnp.int32, jnp.bool_])
+def test_integer_images_are_rejected(dtype):
+  """0..255 images used to go into the model unchecked (x and 255 - x)."""
+  model = models.tiny()
+  variables = variable_shapes(model, (1, 8, 8, 3))
+  x = jnp.ones((2, 8, 8, 3), dtype)
+  message = (f"CoDANet expects float images with values in [0, 1]; got dtype "
+             f"{jnp.dtype(dtype)}. Scale 0..255 images first: x.astype(jnp.float32) / 255.")
+  with pytest.raises(ValueError) as e:
+    model.apply(variables, x)
+  assert str(e.value) == message
+  with pytest.raises(ValueError, match="expects float images"):  # Also under jit.
+    jax.jit(model.apply)(variables, x)
+
+
+@pytest.mark.parametrize("value", [255.0, 1.5, -0.5])
+def test_float_images_outside_0_1_are_rejected_when_known(value):
+  model = models.tiny()
+  x = np.full((2, 8, 8, 3), 0.5, np.float32)
+  variables = jax.jit(model.init)(jax.random.key(0), x)
+  x[1, 3, 4, 2] = value
+  for images in (x, jnp.asarray(x), jnp.asarray(x, jnp.bfloat16)):
+    with pytest.raises(ValueError) as e:
+      model.apply(variables, images)
+    assert str(e.value) == (
+        f"CoDANet expects images with values in [0, 1]; got {min(value, 0.5)}.."
+        f"{max(value, 0.5)}. Scale 0..255 images first: x / 255.")
+  jax.jit(model.apply)(variables, x)  # Traced values cannot be checked.
+  x[1, 3, 4, 2] = 1.0
+  model.apply(variables, x)  # 0 and 1 are in range, and NaN is the caller's.
+  x[0, 0, 0, 0], x[1, 3, 4, 2] = 0.0, np.nan
+  model.apply(variables, x)

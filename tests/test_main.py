@@ -1,0 +1,105 @@
+"""Tests of the command line (codajax.main, codajax.prepare): a bad config file,
+variant, override or field value gives one line, `codajax: ConfigError: ...`,
+on stderr, a non-zero exit status, no traceback, and leaves no workdir behind.
+
+The config is checked while the flags are parsed, before TF or JAX is imported,
+so each of these runs takes about a second.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(tmp_path, *args, config="configs/digits.py:tiny", module="codajax.main"):
+  workdir = tmp_path / "w"
+  argv = [sys.executable, "-m", module]
+  argv += [f"--config={config}"] if config else []
+  argv += [f"--workdir={workdir}"] if module == "codajax.main" else []
+  env = dict(os.environ, XLA_FLAGS="", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
+  out = subprocess.run(argv + list(args), cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode != 0, out.stdout[-2000:]
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert not workdir.exists()
+  return out.stderr.strip().splitlines()
+
+
+# (arguments, the one line printed). These are the cases of issue 9.
+CASES = [
+    (["--config.batch_size=0"],
+     "codajax: ConfigError: config.batch_size=0: must be an integer >= 1."),
+    (["--config.batch_size=-32"],
+     "codajax: ConfigError: config.batch_size=-32: must be an integer >= 1."),
+    (["--config.seed=-1"],
+     "codajax: ConfigError: config.seed=-1: must be an integer in [0, 2**32)."),
+    (["--config.model.dtype=bfloat61"],
+     "codajax: ConfigError: config.model.dtype='bfloat61': use one of "
+     "('float32', 'bfloat16')."),
+    (["--config.model.ranks=abc"],
+     "codajax: ConfigError: config.model.ranks=('abc',): must be a sequence of integers, "
+     "one per layer, e.g. --config.model.ranks='(1, 2, 3)'."),
+    (["--config.num_epochs=-3", "--config.num_steps=-1"],
+     "codajax: ConfigError: config.num_epochs=-3.0: must be > 0 (or set "
+     "config.num_steps > 0, which overrides it)."),
+    (["--config.log_every_steps=0"],
+     "codajax: ConfigError: config.log_every_steps=0: must be an integer >= 1."),
+    (["--config.num_explain=0"],
+     "codajax: ConfigError: config.num_explain=0: must be an integer >= 1 (the test images "
+     "explained); for no figures set config.explain_at_end=False."),
+    (["--config.keep_checkpoints=0"],
+     "codajax: ConfigError: config.keep_checkpoints=0: must be an integer >= 1."),
+    (["--config.modle.ranks=(1,2,3)"],
+     "codajax: ConfigError: --config.modle.ranks: the config has no field 'modle'. "
+     "Did you mean \"model\" instead of \"modle\"?"),
+    (["--config.batchsize=8"],
+     "codajax: ConfigError: --config.batchsize: the config has no field 'batchsize'. "
+     "Did you mean \"batch_size\" instead of \"batchsize\"?"),
+]
+
+
+@pytest.mark.parametrize("args, line", CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_a_bad_override_gives_one_line(tmp_path, args, line):
+  assert run_cli(tmp_path, *args) == [line]
+
+
+def test_every_problem_gets_its_line(tmp_path):
+  lines = run_cli(tmp_path, "--config.batch_size=0", "--config.seed=-1")
+  assert lines == ["codajax: ConfigError: config.batch_size=0: must be an integer >= 1.",
+                   "codajax: ConfigError: config.seed=-1: must be an integer in [0, 2**32)."]
+
+
+@pytest.mark.parametrize("config, line", [
+    ("configs/nonexistent.py", "codajax: ConfigError: --config=configs/nonexistent.py: "
+     f"no such config file 'configs/nonexistent.py' (relative to {ROOT}); give "
+     "configs/<name>.py[:variant]."),
+    ("configs/digits.py:typo", "codajax: ConfigError: --config=configs/digits.py:typo: "
+     "Unknown digits variant 'typo': configs/digits.py takes no variant name, only ',tiny'."),
+    ("configs/image_folder.py:big,tiny", "codajax: ConfigError: --config=configs/"
+     "image_folder.py:big,tiny: Unknown image_folder variant 'big': configs/image_folder.py "
+     "takes no variant name, only ',tiny'."),
+    ("configs/cifar10.py:9L-S", "codajax: ConfigError: --config=configs/cifar10.py:9L-S: "
+     "Unknown cifar10 variant '9L-S'; choose one of"),
+])
+def test_a_bad_config_file_or_variant_gives_one_line(tmp_path, config, line):
+  lines = run_cli(tmp_path, config=config)
+  assert len(lines) == 1 and lines[0].startswith(line), lines
+
+
+def test_a_missing_config_flag_gives_one_line(tmp_path):
+  assert run_cli(tmp_path, config=None) == [
+      "codajax: IllegalFlagValueError: flag --config=None: Flag --config must have a "
+      "value other than None."]
+
+
+def test_prepare_gives_the_same_lines(tmp_path):
+  assert run_cli(tmp_path, config="configs/nonexistent.py", module="codajax.prepare") == [
+      "codajax: ConfigError: --config=configs/nonexistent.py: no such config file "
+      f"'configs/nonexistent.py' (relative to {ROOT}); give configs/<name>.py[:variant]."]
+  assert run_cli(tmp_path, "--config.modle.ranks=(1,)", module="codajax.prepare") == [
+      "codajax: ConfigError: --config.modle.ranks: the config has no field 'modle'. "
+      "Did you mean \"model\" instead of \"modle\"?"]
