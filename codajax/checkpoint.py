@@ -3,12 +3,15 @@
 Layout: `<workdir>/checkpoints/<step>/` with three items:
   params     the model parameters (StandardSave),
   opt_state  the optimizer state (absent in checkpoints imported from torch),
-  meta       JSON: the step, the model config, the source, eval metrics.
+  meta       JSON: the step, the model config, the source, and "digest": the
+             sha256 of params and of opt_state (verified on restore; a
+             mismatch is a corrupt step. Checkpoints from before it have none).
 
 Training, evaluation and `codajax.convert` all go through this module, so a
 checkpoint written by one is restored by the others.
 """
 
+import hashlib
 import logging
 import os
 from typing import Any, Optional
@@ -31,7 +34,16 @@ def directory(workdir: str) -> str:
 
 def manager(workdir: str, *, keep: int = 3, keep_best: bool = True,
             asynchronous: bool = True) -> ocp.CheckpointManager:
-  """Keeps the last `keep` checkpoints, plus the best one by eval top-1."""
+  """Keeps the last `keep` checkpoints, plus the best one by eval top-1.
+
+  Raises ValueError, before touching the workdir, unless keep >= 1: orbax
+  deletes every checkpoint with 0 and crashes after the first save below 0.
+  """
+  if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or keep < 1:
+    raise ValueError(
+        f"config.keep_checkpoints={keep!r}: it must be an integer >= 1 (the number "
+        "of latest checkpoints kept; 0 or less would delete them all). Set "
+        "--config.keep_checkpoints=1 or more.")
   policies = [ocp.checkpoint_managers.LatestN(n=keep)]
   if keep_best:
     policies.append(ocp.checkpoint_managers.BestN(
@@ -49,14 +61,25 @@ def manager(workdir: str, *, keep: int = 3, keep_best: bool = True,
 
 
 def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict,
-         metrics: Optional[dict] = None) -> None:
+         metrics: Optional[dict] = None) -> Optional[dict]:
+  """Saves `step` (asynchronously); returns the metrics dict given to the manager.
+
+  The best-N policy reads a checkpoint's metrics only when a later save prunes
+  old ones, and orbax keeps this very dict (not a copy, and not on disk): so a
+  caller may save with {} before evaluating and fill the dict in place after,
+  and a failed evaluation loses no checkpoint.
+  """
+  digest = {"params": digest_of(params)}
+  if opt_state is not None:
+    digest["opt_state"] = digest_of(opt_state)
   items = dict(params=ocp.args.StandardSave(params),
-               meta=ocp.args.JsonSave(dict(meta, step=int(step))))
+               meta=ocp.args.JsonSave(dict(meta, step=int(step), digest=digest)))
   if opt_state is not None:
     items["opt_state"] = ocp.args.StandardSave(opt_state)
-  mngr.save(int(step), args=ocp.args.Composite(**items),
-            metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
-            force=True)
+  if metrics is not None:
+    metrics.update({k: float(v) for k, v in metrics.items()})
+  mngr.save(int(step), args=ocp.args.Composite(**items), metrics=metrics, force=True)
+  return metrics
 
 
 def save_imported(workdir: str, params, meta: dict) -> str:
@@ -101,13 +124,16 @@ def _check_compatible(mngr, step: int, abstract_params) -> None:
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_params, abstract_opt_state=None,
-            ) -> Optional[tuple[int, Any, Any, dict]]:
+            *, set_aside: bool = False) -> Optional[tuple[int, Any, Any, dict]]:
   """Restores the latest usable checkpoint: (step, params, opt_state, meta).
 
   Returns None when there is none. opt_state is None when the checkpoint has
   none (an imported one) or when abstract_opt_state is None. A checkpoint that
-  cannot be read is skipped with a warning, falling back to the one before;
-  nothing is deleted. Shape mismatches with the model raise CheckpointError.
+  cannot be read (or an empty step folder) is skipped, falling back to the one
+  before. With set_aside (training, which would save those steps again), the
+  skipped steps are moved to <checkpoints>/corrupt/<step>, in one logged line;
+  otherwise they are left in place with a warning. Nothing is ever deleted.
+  Shape mismatches with the model raise CheckpointError.
   """
   steps = sorted(mngr.all_steps(), reverse=True)
   errors = []
@@ -120,24 +146,82 @@ def restore(mngr: ocp.CheckpointManager, abstract_params, abstract_opt_state=Non
       if abstract_opt_state is not None and has_opt:
         items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
       restored = mngr.restore(step, args=ocp.args.Composite(**items))
+      _verify(meta.get("digest"), restored)
     except CheckpointError:
       raise
     except Exception as e:  # pylint: disable=broad-except
-      errors.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
-      logging.warning("Checkpoint %s/%d is unreadable (%s: %s); trying the one "
-                      "before. It is left in place.", mngr.directory, step,
-                      type(e).__name__, str(e)[:300])
+      errors.append((step, f"step {step}: {type(e).__name__}: {str(e)[:300]}"))
+      if not set_aside:
+        logging.warning("Checkpoint %s/%d is unreadable (%s: %s); trying the one "
+                        "before. It is left in place.", mngr.directory, step,
+                        type(e).__name__, str(e)[:300])
       continue
-    if errors:
+    if errors and set_aside:
+      moved = _set_aside(mngr, [s for s, _ in errors])
+      logging.warning("Unreadable checkpoint(s) moved aside (%s); resuming from "
+                      "step %d. Errors: %s", ", ".join(moved), step,
+                      "; ".join(m[:200] for _, m in errors))
+    elif errors:
       logging.warning("Restored step %d after skipping unreadable checkpoints: %s",
-                      step, errors)
+                      step, [m for _, m in errors])
     return step, restored["params"], restored.get("opt_state"), meta
   if errors:
     raise CheckpointError(
-        f"No readable checkpoint in {mngr.directory}:\n  " + "\n  ".join(errors) +
+        f"No readable checkpoint in {mngr.directory}:\n  " +
+        "\n  ".join(m for _, m in errors) +
         "\nMove the damaged step folders away (nothing was deleted) or start in a "
         "fresh --workdir.")
   return None
+
+
+def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> list[str]:
+  """Moves step folders to <checkpoints>/corrupt/<step>[.k] (process 0); returns
+  "<from> -> <to>" for each. The manager is reloaded, so saving them again works."""
+  corrupt = os.path.join(str(mngr.directory), "corrupt")
+  moved = []
+  for step in steps:
+    src = os.path.join(str(mngr.directory), str(step))
+    dst, k = os.path.join(corrupt, str(step)), 0
+    while os.path.exists(dst):
+      k += 1
+      dst = os.path.join(corrupt, f"{step}.{k}")
+    if jax.process_index() == 0:
+      os.makedirs(corrupt, exist_ok=True)
+      os.rename(src, dst)
+    moved.append(f"{src} -> {dst}")
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes("codajax_checkpoint_set_aside")
+  mngr.reload()
+  return moved
+
+
+def digest_of(tree) -> str:
+  """sha256 over the leaves (path, dtype, shape, bytes) in sorted path order.
+
+  Reads one replica of each (replicated) leaf, so it also works on multi-host.
+  """
+  h = hashlib.sha256()
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      leaf = leaf.addressable_data(0)
+    a = np.ascontiguousarray(jax.device_get(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+class DigestMismatch(ValueError):
+  """Restored arrays differ from those saved (a flipped bit in a data file)."""
+
+
+def _verify(digest: Optional[dict], restored) -> None:
+  for item, want in (digest or {}).items():
+    if restored.get(item) is not None:
+      got = digest_of(restored.get(item))
+      if got != want:
+        raise DigestMismatch(f"{item} digest mismatch: saved sha256 {want[:16]}..., "
+                             f"restored {got[:16]}...; a data file is damaged.")
 
 
 def abstract(tree):

@@ -132,6 +132,7 @@ def from_torch_state_dict(model: models.CoDANet,
     ValueError: listing every missing, unexpected and mis-shaped key at once.
   """
   arrays, problems = _strip_prefix({k: to_numpy(v) for k, v in state_dict.items()})
+  _check_floating(arrays)
   in_channels = _in_channels(model, arrays)
   if in_channels is None:
     problems.append(
@@ -275,6 +276,22 @@ def _strip_prefix(arrays: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
       problems.append(f"key {name!r} appears both with and without {PREFIX!r}")
     out[name] = v
   return out, problems
+
+
+def _check_floating(arrays: Mapping[str, np.ndarray]) -> None:
+  """Raises ValueError naming every CoDA parameter tensor that is not floating point.
+
+  Integer or bool weights would be converted to float32 silently (their values
+  already truncated), giving a model that evaluates but is not the trained one.
+  """
+  bad = [f"{k!r} ({a.dtype})" for k, a in sorted(arrays.items())
+         if _LAYER_KEY.match(k) and not jax.numpy.issubdtype(a.dtype, jax.numpy.floating)]
+  if bad:
+    raise ValueError(
+        f"The PyTorch state dict holds {len(bad)} non-floating-point parameter "
+        f"tensor(s): {', '.join(bad)}. CoDA-Net weights are floating point; these "
+        "were cast (and truncated) somewhere. Re-save the trained model's own "
+        "state dict: torch.save(model.state_dict(), path).")
 
 
 def _in_channels(model: models.CoDANet, arrays: Mapping[str, np.ndarray]) -> Optional[int]:

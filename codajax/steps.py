@@ -101,11 +101,21 @@ def train_step(state: TrainState, batch, *, model, tx, config, rng, lr_fn):
 
 
 def eval_step(params, batch, *, model):
-  """Sums over the (padded, masked) batch: top-1, top-5 hits, BCE, count."""
+  """Sums over the (padded, masked) batch: top-1, top-5 hits, BCE, count.
+
+  The true class's rank counts the other classes whose logit is not below it,
+  so a tie counts as wrong (as argmax accuracy counts it: all-equal logits score
+  0), and so does a NaN. "nonfinite" counts the examples with a NaN or inf
+  logit; `codajax.train.evaluate` refuses to report metrics when it is not 0.
+  """
   logits = model.apply({"params": params}, batch["image"])
   labels, mask = batch["label"], batch["mask"]
   k = logits.shape[-1]
-  rank = jnp.sum(logits > jnp.take_along_axis(logits, labels[:, None], -1), -1)
+  true = jnp.take_along_axis(logits, labels[:, None], -1)
+  others = jax.nn.one_hot(labels, k, dtype=jnp.bool_) == 0
+  rank = jnp.sum(jnp.logical_not(logits < true) & others, -1)
   bce = optax.sigmoid_binary_cross_entropy(logits, jax.nn.one_hot(labels, k)).mean(-1)
+  nonfinite = jnp.logical_not(jnp.all(jnp.isfinite(logits), -1))
   return {"top1": jnp.sum((rank < 1) * mask), "top5": jnp.sum((rank < 5) * mask),
-          "loss": jnp.sum(bce * mask), "count": jnp.sum(mask)}
+          "loss": jnp.sum(bce * mask), "count": jnp.sum(mask),
+          "nonfinite": jnp.sum(nonfinite * mask)}

@@ -96,9 +96,15 @@ class Run:
       self.log.close()
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Phases 1-7, shared by every mode."""
-  # 1. Workdir and logging (the writers open once the checkpoint is read). --
+def setup(config: ml_collections.ConfigDict, workdir: str, *,
+          set_aside: bool = False) -> Run:
+  """Phases 1-7, shared by every mode.
+
+  set_aside (train mode): unreadable checkpoints newer than the restored one are
+  moved to checkpoints/corrupt/, so that training can save those steps again.
+  """
+  # 1. Config, workdir and logging (the writers open once the checkpoint is read).
+  config_lib.validate(config)  # Every field at once, before any work.
   workdir = os.path.abspath(workdir)
 
   # 2. Mesh: one 'data' axis over every device of every host. --------------
@@ -145,7 +151,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
   try:
     restored = checkpoint.restore(mngr, checkpoint.abstract(state.params),
-                                  checkpoint.abstract(state.opt_state))
+                                  checkpoint.abstract(state.opt_state),
+                                  set_aside=set_aside)
   except BaseException:
     mngr.close()
     raise
@@ -165,13 +172,24 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
              MetricsLog(workdir))
 
 
-def evaluate(run: Run, params) -> dict:
-  """Top-1, top-5 and BCE over the whole test split (each example once)."""
+def evaluate(run: Run, params, step: int) -> dict:
+  """Top-1, top-5 and BCE over the whole test split (each example once).
+
+  Raises FloatingPointError, naming the step and the checkpoint directory, if
+  any test example gets a NaN or inf logit: no metrics are reported then.
+  """
   totals = None
   for batch in input_pipeline.eval_batches(run.config, run.info):
     out = run.eval_step_fn(params, input_pipeline.to_global(batch, run.batch_sharding))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.tree.map(float, jax.device_get(totals))
+  if totals["nonfinite"]:
+    raise FloatingPointError(
+        f"Non-finite logits (NaN or inf) for {int(totals['nonfinite'])} of "
+        f"{int(totals['count'])} test examples at step {step} (checkpoints in "
+        f"{run.mngr.directory}); no eval metrics are reported. The parameters of "
+        "that step are not usable: check the checkpoint (or the converted weights), "
+        "or lower config.learning_rate and retrain.")
   n = max(totals["count"], 1.0)
   return {"eval/top1": totals["top1"] / n, "eval/top5": totals["top5"] / n,
           "eval/loss": totals["loss"] / n, "eval/count": totals["count"]}
@@ -226,14 +244,25 @@ def train_mode(run: Run) -> Result:
         run.log.write(step, means)
         metrics, t_log = [], time.time()
       is_eval = step % eval_every == 0 or step == num_steps
-      if is_eval:
-        eval_metrics = evaluate(run, state.params)
-        run.log.write(step, eval_metrics)
       stop = bool(preempted) or run.mngr.reached_preemption(step)
+      tracked = None
       if step % ckpt_every == 0 or step == num_steps or stop:
-        _check_finite(step, m["train/loss"])  # Never checkpoint a diverged state.
-        checkpoint.save(run.mngr, step, state.params, state.opt_state, meta,
-                        eval_metrics if is_eval else None)
+        # Save first, then evaluate: an error in the evaluation (a bad test
+        # image) must not lose the steps since the last checkpoint. The best-N
+        # policy reads the metrics dict only at later saves, so it is filled
+        # in place once the evaluation is done (see checkpoint.save). The save
+        # is committed before evaluating, so even a crash in it loses nothing.
+        tracked = _save(run, step, state, m, meta, {} if is_eval else None)
+        if is_eval:
+          run.mngr.wait_until_finished()
+      if is_eval:
+        eval_metrics = evaluate(run, state.params, step)
+        run.log.write(step, eval_metrics)
+        if tracked is not None:
+          tracked.update(eval_metrics)
+        elif preempted:  # SIGTERM during the evaluation: save this step too.
+          stop = True
+          _save(run, step, state, m, meta, dict(eval_metrics))
       if stop:
         logging.warning("Preempted at step %d: checkpoint saved; rerun the same "
                         "command to resume.", step)
@@ -241,7 +270,7 @@ def train_mode(run: Run) -> Result:
     if pending is not None:
       _check_finite(*pending)
     if not eval_metrics:  # Already finished: report, don't retrain.
-      eval_metrics = evaluate(run, state.params)
+      eval_metrics = evaluate(run, state.params, run.start)
     figures = write_figures(run, state.params) if config.explain_at_end else []
     return {**eval_metrics, "figures": figures}
   finally:
@@ -261,7 +290,7 @@ def eval_mode(run: Run) -> Result:
   """Evaluates the restored (trained or imported) parameters; logs at their step."""
   try:
     _require_checkpoint(run, "eval")
-    metrics = evaluate(run, run.state.params)
+    metrics = evaluate(run, run.state.params, run.start)
     run.log.write(run.start, metrics)
     return {**metrics, "figures": []}
   finally:
@@ -290,7 +319,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   if mode not in MODES:  # Before reading any data or building anything.
     raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}.")
-  return MODES[mode](setup(config, workdir))
+  return MODES[mode](setup(config, workdir, set_aside=mode == "train"))
+
+
+def _save(run: Run, step: int, state, m, meta, metrics):
+  _check_finite(step, m["train/loss"])  # Never checkpoint a diverged state.
+  return checkpoint.save(run.mngr, step, state.params, state.opt_state, meta, metrics)
 
 
 def _check_finite(step, loss):

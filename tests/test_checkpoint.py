@@ -72,6 +72,67 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
   mngr.close()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_training_sets_unreadable_steps_aside_and_can_save_them_again(tmp_path, caplog):
+  workdir = str(tmp_path)
+  params, opt = _save_two(workdir)
+  _corrupt(workdir, 2)
+  ckpts = checkpoint.directory(workdir)
+  os.makedirs(os.path.join(ckpts, "3"))  # A stray empty step folder.
+  os.makedirs(os.path.join(ckpts, "corrupt", "2"))  # Set aside by an earlier run.
+  mngr = checkpoint.manager(workdir, asynchronous=False)
+  with caplog.at_level(logging.WARNING):
+    step, restored, _, _ = checkpoint.restore(mngr, _abstract(params), _abstract(opt),
+                                              set_aside=True)
+  assert step == 1
+  chex.assert_trees_all_equal(jax.device_get(restored), params)
+  assert checkpoint_steps(workdir) == [1]
+  assert sorted(os.listdir(os.path.join(ckpts, "corrupt"))) == ["2", "2.1", "3"]
+  warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+              and "moved aside" in r.getMessage()]
+  assert len(warnings) == 1
+  assert f"{ckpts}/3 -> {ckpts}/corrupt/3" in warnings[0]
+  assert f"{ckpts}/2 -> {ckpts}/corrupt/2.1" in warnings[0]
+  assert "resuming from step 1" in warnings[0]
+  for s in (2, 3):  # Training saves these steps again.
+    checkpoint.save(mngr, s, params, opt, {"model": {}})
+  mngr.wait_until_finished()
+  mngr.close()
+  assert checkpoint_steps(workdir) == [1, 2, 3]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_flipped_bit_in_the_parameters_is_caught_by_the_digest(tmp_path, caplog):
+  """zstd (no checksum) stores random bits verbatim, so a flipped bit decodes silently."""
+  workdir = str(tmp_path)
+  bits = np.random.default_rng(0).integers(0, 2**32, 4096, dtype=np.uint32)
+  params = {"w": bits.view(np.float32)}
+  mngr = checkpoint.manager(workdir, asynchronous=False)
+  for step in (1, 2):
+    checkpoint.save(mngr, step, params, None, {})
+  mngr.close()
+  pattern, flipped = bits.tobytes()[4000:4040], []
+  for path in glob.glob(os.path.join(checkpoint.directory(workdir), "2", "params", "**", "d",
+                                     "*"), recursive=True):
+    with open(path, "rb") as f:
+      data = bytearray(f.read())
+    at = data.find(pattern)
+    if at >= 0:
+      data[at + 1] ^= 1
+      with open(path, "wb") as f:
+        f.write(data)
+      flipped.append(path)
+  assert len(flipped) == 1
+  mngr = checkpoint.manager(workdir, asynchronous=False)
+  with caplog.at_level(logging.WARNING):
+    step, restored, _, _ = checkpoint.restore(mngr, _abstract(params), set_aside=True)
+  mngr.close()
+  assert step == 1
+  np.testing.assert_array_equal(np.asarray(restored["w"]).view(np.uint32), bits)
+  assert os.listdir(os.path.join(checkpoint.directory(workdir), "corrupt")) == ["2"]
+  assert any("params digest mismatch" in r.getMessage() for r in caplog.records)
+
+
 def test_checkpoint_of_another_model_is_refused(tmp_path):
   params, opt = _save_two(str(tmp_path))
   other = {"layer_0": {"kernel": np.ones((4, 2), np.float32), "bias": np.zeros(2, np.float32)}}
@@ -80,6 +141,29 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
                      match=r"(?s)1 parameters differ.*layer_0.*kernel.*\(3, 2\).*\(4, 2\)"):
     checkpoint.restore(mngr, _abstract(other), _abstract(opt))
   mngr.close()
+
+
+@pytest.mark.parametrize("keep", [0, -1])
+def test_keeping_fewer_than_one_checkpoint_is_refused(tmp_path, keep):
+  """keep_checkpoints=0 deleted every checkpoint; -1 crashed after the first save."""
+  workdir = str(tmp_path / "run")
+  with pytest.raises(ValueError, match=rf"config.keep_checkpoints={keep}: it must be an "
+                     r"integer >= 1.*--config.keep_checkpoints=1 or more"):
+    checkpoint.manager(workdir, keep=keep)
+  assert not os.path.exists(workdir)
+
+
+def test_metrics_filled_in_after_the_save_keep_the_best_checkpoint(tmp_path):
+  """train saves first and evaluates after, filling the saved metrics dict in place."""
+  mngr = checkpoint.manager(str(tmp_path), keep=1, asynchronous=False)
+  params = {"w": np.ones(2, np.float32)}
+  for step, top1 in [(1, 0.9), (2, 0.1), (3, 0.2)]:
+    tracked = checkpoint.save(mngr, step, params, None, {}, {})
+    tracked.update({checkpoint.BEST_METRIC: top1})
+  checkpoint.save(mngr, 4, params, None, {}, None)  # Not evaluated.
+  mngr.wait_until_finished()
+  mngr.close()
+  assert checkpoint_steps(str(tmp_path)) == [1, 4]  # The best by top-1, and the latest.
 
 
 # --------------------------------------------------- checkpoints of old code

@@ -210,6 +210,16 @@ class TestFromTorchStateDict:
     with pytest.raises(ValueError, match="must be even"):
       convert.from_torch_state_dict(make_model(), sd)
 
+  @pytest.mark.parametrize("dtype", [np.int64, np.bool_])
+  def test_non_floating_tensors_are_rejected(self, dtype):
+    sd = random_state_dict()
+    for key in ("0.weight_mod.weighting_f.1.bias", "2.weight_mod.weighting_f.0.weight"):
+      sd[key] = sd[key].astype(dtype)
+    with pytest.raises(ValueError, match=(
+        r"2 non-floating-point parameter tensor\(s\): '0.weight_mod.weighting_f.1.bias' "
+        rf"\({np.dtype(dtype)}\), '2.weight_mod.weighting_f.0.weight' \({np.dtype(dtype)}\)")):
+      convert.from_torch_state_dict(make_model(), sd)
+
   def test_missing_first_weight_still_lists_all(self):
     sd = random_state_dict()
     del sd["0.weight_mod.weighting_f.0.weight"]

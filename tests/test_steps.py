@@ -152,3 +152,30 @@ def test_imagenet100_warmup_is_the_authors_schedule():
     for count in range(epoch * per_epoch, (epoch + 1) * per_epoch):
       np.testing.assert_allclose(float(lr(jnp.asarray(count))), want, rtol=1e-6,
                                  err_msg=f"epoch {epoch}, update {count}")
+
+
+# ------------------------------------------------------------------ eval step
+
+
+class _FixedLogits:
+  """A stand-in model whose logits are the batch's "logits"."""
+
+  def apply(self, variables, images):
+    return images
+
+
+@pytest.mark.parametrize("logits, top1, top5", [
+    (np.zeros((2, 10)), 0, 0),                    # All equal: wrong, as argmax counts it.
+    (np.eye(10)[[3, 4]], 1, 1),                   # Unique max at the label; tied with 8 below 1.
+    (np.eye(10)[[3, 4]] - np.arange(10) / 100, 1, 2),  # Unique max; rank 1 of 10.
+    (np.where(np.arange(10) < 5, 1.0, 0.0)[None].repeat(2, 0), 0, 2),  # 5-way tie: top-5.
+    (np.where(np.arange(10) < 6, 1.0, 0.0)[None].repeat(2, 0), 0, 0),  # 6-way: not.
+    (np.full((2, 10), np.nan), 0, 0),             # NaN: wrong, and counted as non-finite.
+])
+def test_eval_step_counts_ties_and_nans_as_wrong(logits, top1, top5):
+  batch = {"image": jnp.asarray(logits, jnp.float32), "label": jnp.array([3, 3]),
+           "mask": jnp.array([1.0, 1.0])}
+  out = jax.jit(functools.partial(steps.eval_step, model=_FixedLogits()))({}, batch)
+  assert (float(out["top1"]), float(out["top5"])) == (top1, top5)
+  assert float(out["count"]) == 2
+  assert float(out["nonfinite"]) == (2 if np.isnan(logits).any() else 0)

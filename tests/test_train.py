@@ -471,3 +471,46 @@ def test_non_finite_loss_names_the_step_and_is_never_checkpointed(tmp_path, monk
   with pytest.raises(FloatingPointError, match="at step 2"):
     train.train_and_evaluate(digits(num_steps=4, checkpoint_every_steps=1), workdir)
   assert checkpoint_steps(workdir) == [1]  # A rerun resumes from finite parameters.
+
+
+def test_non_finite_eval_logits_are_an_error_naming_the_step(tmp_path):
+  """NaN parameters (e.g. badly converted weights) must not score top-1 = 1.0."""
+  workdir = str(tmp_path)
+  config = digits()
+  model = models.from_config(config.model)
+  params = model.init(jax.random.key(7), jnp.zeros((1, 16, 16, 1)))["params"]
+  params = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params)
+  checkpoint.save_imported(workdir, params, {"source": "test", "model": config.model.to_dict()})
+  with pytest.raises(FloatingPointError, match=(
+      rf"Non-finite logits .* for {DIGITS_TEST} of {DIGITS_TEST} test examples at step 0 "
+      rf"\(checkpoints in {checkpoint.directory(workdir)}\)")):
+    train.train_and_evaluate(config, workdir, mode="eval")
+
+
+def test_a_failing_final_evaluation_keeps_the_final_checkpoint(tmp_path, monkeypatch):
+  """The final step is saved before it is evaluated: a bad test image loses nothing."""
+  def bad_test_image(config, info):
+    raise tf.errors.InvalidArgumentError(None, None, "bad test image")
+    yield  # pylint: disable=unreachable
+
+  monkeypatch.setattr(input_pipeline, "eval_batches", bad_test_image)
+  workdir = str(tmp_path)
+  with pytest.raises(tf.errors.InvalidArgumentError, match="bad test image"):
+    train.train_and_evaluate(digits(num_steps=3, checkpoint_every_steps=2), workdir)
+  assert checkpoint_steps(workdir) == [2, 3]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_training_past_an_unreadable_step_sets_it_aside_and_finishes(tmp_path):
+  """Truncated step 4 and a stray empty step 6: resume from 2, save 4 and 6 again."""
+  workdir = str(tmp_path)
+  train.train_and_evaluate(digits(num_steps=4, checkpoint_every_steps=2), workdir)
+  ckpts = checkpoint.directory(workdir)
+  for path in glob.glob(os.path.join(ckpts, "4", "params", "**", "d", "*"), recursive=True):
+    open(path, "wb").close()  # Truncated.
+  os.makedirs(os.path.join(ckpts, "6"))
+  result = train.train_and_evaluate(digits(num_steps=6, checkpoint_every_steps=2), workdir)
+  assert result["eval/count"] == DIGITS_TEST
+  assert checkpoint_steps(workdir) == [2, 4, 6]
+  assert sorted(os.listdir(os.path.join(ckpts, "corrupt"))) == ["4", "6"]
+  assert train_steps(workdir)[-4:] == [3, 4, 5, 6]  # Resumed from step 2.
