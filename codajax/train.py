@@ -65,7 +65,8 @@ class MetricsLog:
 
 # What every mode returns: the eval metrics it computed ("eval/top1", "eval/top5",
 # "eval/loss", "eval/count"; none from "explain" or a run preempted before its
-# eval), and "figures": the paths of the figures it wrote (a list, maybe empty).
+# eval), "step": the checkpoint's step (from "eval" only), and "figures": the
+# paths of the figures it wrote (a list, maybe empty).
 Result = dict
 
 
@@ -292,7 +293,8 @@ def eval_mode(run: Run) -> Result:
     _require_checkpoint(run, "eval")
     metrics = evaluate(run, run.state.params, run.start)
     run.log.write(run.start, metrics)
-    return {**metrics, "figures": []}
+    logging.info("Evaluated the checkpoint of step %d in %s.", run.start, run.mngr.directory)
+    return {"step": run.start, **metrics, "figures": []}
   finally:
     run.close()
 

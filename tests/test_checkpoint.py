@@ -206,6 +206,7 @@ def test_old_checkpoint_evaluates_to_its_logged_metrics(old_main):
   run = train.setup(old_config(), str(old_main / "trained"))
   assert run.start == 6
   result = train.eval_mode(run)
+  assert result["step"] == 6  # Eval mode says which step it evaluated.
   assert result["eval/count"] == logged[0]["eval/count"] == 359
   for key in ("eval/loss", "eval/top1", "eval/top5"):
     np.testing.assert_allclose(result[key], logged[0][key], rtol=1e-6, err_msg=key)

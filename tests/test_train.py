@@ -213,7 +213,7 @@ def test_cifar10_mock_trains_resumes_and_evaluates(tmp_path):
     assert checkpoint_steps(workdir) == [4, 8]
 
     evaluated = train.train_and_evaluate(config, workdir, mode="eval")
-  assert evaluated["eval/count"] == 20
+  assert evaluated["step"] == 8 and evaluated["eval/count"] == 20
   assert 0.0 <= evaluated["eval/top1"] <= evaluated["eval/top5"] <= 1.0
   # The restored parameters are those evaluated at the end of training.
   for key in ("eval/top1", "eval/top5", "eval/loss"):
@@ -252,6 +252,14 @@ def test_digits_trains_writes_figures_and_guards_its_checkpoint(tmp_path):
   assert "does not match the model (2 parameters differ)" in str(e.value)
   assert f"['layer_0']['A']: checkpoint ({rank}, " in str(e.value)
   assert f"vs model ({rank + 1}, " in str(e.value)
+  # Training with it is refused too, and config.json still holds the config
+  # of the checkpoints, which the error tells the user to look at.
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = f.read()
+  with pytest.raises(checkpoint.CheckpointError, match="does not match the model"):
+    train.train_and_evaluate(other, workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert f.read() == saved
 
 
 def test_unprepared_tfds_data_fails_fast_naming_the_prepare_command(tmp_path):
@@ -270,7 +278,7 @@ def test_imported_weights_are_evaluated_and_fine_tuned(tmp_path):
   params = model.init(jax.random.key(7), jnp.zeros((1, 16, 16, 1)))["params"]
   checkpoint.save_imported(workdir, params, {"source": "test", "model": config.model.to_dict()})
   evaluated = train.train_and_evaluate(config, workdir, mode="eval")
-  assert evaluated["eval/count"] == DIGITS_TEST
+  assert evaluated["step"] == 0 and evaluated["eval/count"] == DIGITS_TEST
   assert records(workdir)[-1]["step"] == 0
   trained = train.train_and_evaluate(config, workdir)  # Fine-tunes from step 0.
   assert train_steps(workdir) == [1] and checkpoint_steps(workdir) == [0, 1]
