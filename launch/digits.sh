@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh test
-workdir="${1:-workdirs/digits}"
-shift || true
+workdir="workdirs/digits"
+if [ $# -gt 0 ] && [[ "$1" != --* ]]; then  # A first argument that is not a flag.
+  workdir="$1"
+  shift
+fi
 exec .venv/bin/python -m codajax.main --config configs/digits.py --workdir "$workdir" "$@"
