@@ -21,7 +21,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from codajax import dau
 from codajax import dau_fused
@@ -45,10 +44,9 @@ def _classes(classes, n: int, num_classes: int) -> jax.Array:
   classes = jnp.asarray(classes)
   if not jnp.issubdtype(classes.dtype, jnp.integer):
     raise ValueError(f"classes must be integers, got dtype {classes.dtype}.")
-  try:  # Checked when the values are known (outside jit); one_hot would
-    values = np.asarray(classes)  # silently give all-zero maps for them.
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    values = None
+  # Checked when the values are known (outside jit); one_hot would silently
+  # give all-zero maps for them.
+  values = models.concrete_values(classes)
   if values is not None and values.size and (
       values.min() < 0 or values.max() >= num_classes):
     raise ValueError(f"classes must be in [0, {num_classes - 1}], got "

@@ -201,6 +201,15 @@ def check_input_shape(model: CoDANet, shape: Sequence[int]) -> None:
     h, w = dau.output_size(h, k, s, p), dau.output_size(w, k, s, p)
 
 
+def concrete_values(x) -> np.ndarray | None:
+  """x as a numpy array where its values are known, None where x is traced
+  (inside jit), so that checks on values run wherever they can."""
+  try:
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
+
+
 def check_input_values(x) -> None:
   """Raises one clear ValueError for images not in [0, 1]: integer images
   always; float ones when their values are known (outside jit: a traced
@@ -209,11 +218,8 @@ def check_input_values(x) -> None:
     raise ValueError(
         f"CoDANet expects float images with values in [0, 1]; got dtype {x.dtype}. "
         "Scale 0..255 images first: x.astype(jnp.float32) / 255.")
-  try:
-    values = np.asarray(x)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return
-  if ((values < 0) | (values > 1)).any():  # NaN is left to the caller.
+  values = concrete_values(x)
+  if values is not None and ((values < 0) | (values > 1)).any():  # NaN is left to the caller.
     raise ValueError(
         f"CoDANet expects images with values in [0, 1]; got {np.nanmin(values)}.."
         f"{np.nanmax(values)}. Scale 0..255 images first: x / 255.")
