@@ -114,7 +114,22 @@ class CoDANet(nn.Module):
     """[x, 1 - x] on the channel axis, after checking the image shape."""
     check_input_shape(self, x.shape)
     check_input_values(x)
+    self._check_channels(x.shape)
     return jnp.concatenate([x, 1.0 - x], axis=-1)
+
+  def _check_channels(self, shape) -> None:
+    """Images must have the channels the parameters were made for (known once
+    the parameters exist, i.e. not while initialising)."""
+    params = self.variables.get("params", {})
+    if "layer_0" not in params:
+      return
+    expected = params["layer_0"]["B"].shape[2] // 2
+    if shape[-1] != expected:
+      raise ValueError(
+          f"CoDANet: these parameters take images with {expected} channel(s), got "
+          f"{shape[-1]} (shape {tuple(shape)}). Convert the images "
+          f"({'grayscale to RGB' if expected == 3 and shape[-1] == 1 else 'channels'}) "
+          "or use a model trained on such images.")
 
   def layer_inputs(self, x: jax.Array) -> tuple[list[jax.Array], jax.Array]:
     """One forward pass: ([x_0, ..., x_{L-1}], logits), x_l the input of layer l."""

@@ -392,3 +392,14 @@ def test_float_images_outside_0_1_are_rejected_when_known(value):
   model.apply(variables, x)  # 0 and 1 are in range, and NaN is the caller's.
   x[0, 0, 0, 0], x[1, 3, 4, 2] = 0.0, np.nan
   model.apply(variables, x)
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_wrong_channel_count_is_one_clear_error(channels):
+  # Was a Flax ScopeParamShapeError about parameter "B" of layer_0.
+  model = models.tiny(10)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  x = jnp.zeros((1, 16, 16, channels))
+  for apply in (model.apply, jax.jit(model.apply)):
+    with pytest.raises(ValueError, match=f"take images with 3 channel.*got {channels}"):
+      apply(variables, x)
