@@ -198,6 +198,9 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   """
   if not os.path.isfile(path):
     raise FileNotFoundError(f"PyTorch checkpoint {path!r} does not exist or is not a file.")
+  if os.path.getsize(path) == 0:
+    raise ValueError(f"PyTorch checkpoint {path!r} is empty (0 bytes): the download or "
+                     "copy was cut short; fetch it again.")
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -207,7 +210,7 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
         "the converted checkpoint loads without torch.") from e
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
-  except (pickle.UnpicklingError, RuntimeError) as e:
+  except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
     raise ValueError(
         f"torch.load({path!r}, weights_only=True) failed: {e}\nThe file must hold a "
         "state dict (tensors only). If it holds a pickled nn.Module, re-save it in "
@@ -261,7 +264,7 @@ def main(argv, flag_values=None) -> None:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
   try:
     path = convert_checkpoint(fv.torch_checkpoint, fv.config, fv.workdir)
-  except (ImportError, FileNotFoundError) as e:
+  except (ImportError, FileNotFoundError, ValueError) as e:
     if isinstance(e, ImportError) and INSTALL_HINT not in str(e):
       raise
     raise SystemExit(f"codajax.convert: {e}") from e

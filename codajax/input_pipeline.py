@@ -2,9 +2,7 @@
 
 Every source yields per-host examples {"image": uint8 (H, W, C), "label": int}:
   "tfds:<name>"   a prepared tfds data set (`python -m codajax.prepare` first);
-  "digits"        scikit-learn's bundled 8x8 digits (no download);
-  "idx"           MNIST-style IDX files in config.data_dir (e.g. Fashion-MNIST);
-  "image_folder"  <data_dir>/{train,test}/<class>/*.{png,jpg,jpeg}.
+  "digits", "idx", "image_folder"   local files (`codajax.local_data`).
 
 Training streams are deterministic functions of (config.seed, step): epoch e is
 the host's shard shuffled with a seed derived from (seed, e), augmented with
@@ -14,8 +12,7 @@ host pads its shard to the same number of batches, with mask = 0.
 """
 
 import dataclasses
-import functools
-import gzip
+import difflib
 import json
 import logging
 import math
@@ -28,11 +25,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from codajax import config_lib
+from codajax import local_data
+from codajax.local_data import DataError  # pylint: disable=unused-import
 from codajax import randaugment
-
-
-class DataError(RuntimeError):
-  """A data set that cannot be read, with the command or path that fixes it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,88 +48,18 @@ def _host():
 # ---------------------------------------------------------------- sources
 
 
-def _digits(image_size):
-  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
-  d = sk_datasets.load_digits()
-  images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-  scale = image_size // 8
-  if scale * 8 != image_size:
-    raise config_lib.ConfigError(f"config.image_size={image_size}: digits needs a multiple of 8.")
-  images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-  labels = d.target.astype(np.int64)
-  order = np.random.RandomState(0).permutation(len(labels))  # Fixed split.
-  test, train = order[:len(labels) // 5], order[len(labels) // 5:]
-  return ((images[train], labels[train]), (images[test], labels[test]),
-          tuple(str(i) for i in range(10)))
-
-
-def _read_idx(path):
-  with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-    data = f.read()
-  magic = int.from_bytes(data[:4], "big")
-  ndim = magic & 0xFF
-  if magic >> 8 != 0x08:
-    raise DataError(f"{path} is not an unsigned-byte IDX file (magic {magic:#x}).")
-  dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-  arr = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
-  if arr.size != math.prod(dims):
-    raise DataError(f"{path} is truncated: header says {dims}, found {arr.size} bytes.")
-  return arr.reshape(dims)
-
-
-def _idx(root):
-  def find(stem):
-    for name in (stem, stem + ".gz"):
-      if root and os.path.exists(os.path.join(root, name)):
-        return os.path.join(root, name)
-    raise DataError(f"IDX data: no {stem}[.gz] in data_dir={root!r}. Point --config.data_dir"
-                    " at a folder with the standard files (on Debian: apt-get install dataset-"
-                    "fashion-mnist, which installs /usr/share/datasets/fashion-mnist), or use "
-                    "the ':tfds' variant of the config.")
-  out = []
-  for prefix in ("train", "t10k"):
-    images = _read_idx(find(f"{prefix}-images-idx3-ubyte"))[..., None]
-    labels = _read_idx(find(f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
-    if len(images) != len(labels):
-      raise DataError(f"IDX data in {root}: {len(images)} {prefix} images but {len(labels)} labels.")
-    out.append((images, labels))
-  num_classes = int(max(out[0][1].max(), out[1][1].max())) + 1
-  return out[0], out[1], tuple(str(i) for i in range(num_classes))
-
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-
-
-def _folder_files(data_dir, split):
-  root = os.path.join(data_dir or "", split)
-  if not os.path.isdir(root):
-    raise DataError(
-        f"image_folder: {root!r} does not exist. Expected "
-        "<data_dir>/{train,test}/<class>/*.png|jpg; set --config.data_dir.")
-  classes = sorted(d for d in os.listdir(os.path.join(data_dir, "train"))
-                   if os.path.isdir(os.path.join(data_dir, "train", d)))
-  extra = sorted(d for d in set(os.listdir(root)) - set(classes) if os.path.isdir(
-      os.path.join(root, d)))  # Its images would be dropped from evaluation silently.
-  if extra:
-    raise DataError(f"image_folder: class folder {os.path.join(root, extra[0])!r} is not in "
-                    f"{os.path.join(data_dir, 'train')!r} ({len(extra)} such); give the "
-                    "class training images or remove the folder.")
-  files, labels = [], []
-  for i, c in enumerate(classes):
-    folder = os.path.join(root, c)  # A class may have no test folder.
-    for f in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
-      if f.lower().endswith(IMAGE_EXTENSIONS):
-        files.append(os.path.join(folder, f))
-        labels.append(i)
-  if not files:
-    raise DataError(f"image_folder: no .png/.jpg images under {root}/<class>/.")
-  return np.array(files), np.array(labels, np.int64), tuple(classes)
-
-
-def _tfds_builder(config):
+def _tfds_builder(config, prepared: bool = True):
+  """The tfds builder of config.dataset; `prepared`: check it is prepared."""
   name = config.dataset.split(":", 1)[1]
-  builder = tfds.builder(name, data_dir=config.data_dir or None)
-  if not builder.is_prepared():
+  try:
+    builder = tfds.builder(name, data_dir=config.data_dir or None)
+  except tfds.core.registered.DatasetNotFoundError:
+    close = difflib.get_close_matches(name.split(":")[0], tfds.list_builders(), n=3)
+    raise DataError(
+        f"config.dataset={config.dataset!r}: tfds has no data set {name!r}"
+        + (f" (did you mean {', '.join(close)}?)" if close else "")
+        + "; see https://www.tensorflow.org/datasets/catalog.") from None
+  if prepared and not builder.is_prepared():
     raise DataError(
         f"The tfds data set {name!r} is not prepared in {builder.data_dir!r}. "
         f"Prepare it once, outside any multi-host run: python -m codajax.prepare "
@@ -144,20 +69,7 @@ def _tfds_builder(config):
 
 
 def _in_memory(config):  # (train, test, class_names): arrays or file lists (not tfds).
-  return _load_in_memory(config.dataset, config.data_dir, config.image_size)
-
-
-@functools.lru_cache(maxsize=4)
-def _load_in_memory(dataset, data_dir, image_size):
-  if dataset == "digits":
-    return _digits(image_size)
-  if dataset == "idx":
-    return _idx(data_dir)
-  if dataset == "image_folder":
-    tr, te = _folder_files(data_dir, "train"), _folder_files(data_dir, "test")
-    return tr[:2], te[:2], tr[2]
-  raise config_lib.ConfigError(f"config.dataset={dataset!r} is not one of 'tfds:<name>', "
-                               "'digits', 'idx', 'image_folder'.")
+  return local_data.load(config.dataset, config.data_dir, config.image_size)
 
 
 def _subset_counts(builder, config):
@@ -254,14 +166,17 @@ def _checked(ds: tf.data.Dataset) -> tf.data.Dataset:
   return ds
 
 
-def _numpy(ds: tf.data.Dataset, dataset: str) -> Iterator[dict]:
-  """`ds.as_numpy_iterator()`, with a DataError for images out of range."""
+def _numpy(ds: tf.data.Dataset, config, train: bool) -> Iterator[dict]:
+  """`ds.as_numpy_iterator()`, with a DataError for images out of range or
+  image files that cannot be decoded (named)."""
   try:
     yield from ds.as_numpy_iterator()
   except tf.errors.InvalidArgumentError as e:
     if RANGE in str(e):
-      raise DataError(f"config.dataset={dataset!r} has float images outside [0, 1]: "
+      raise DataError(f"config.dataset={config.dataset!r} has float images outside [0, 1]: "
                       f"{RANGE}; divide them by 255 or store uint8.") from None
+    if config.dataset == "image_folder":  # Find the file(s) TF's error does not name.
+      local_data.check_images(_in_memory(config)[0 if train else 1][0])
     raise
 
 
@@ -329,7 +244,7 @@ def train_batches(config, info: DatasetInfo, start_step: int = 0) -> Iterator[di
         "label": tf.cast(ex["label"], tf.int32)}, num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True)
     ds = ds.batch(local, drop_remainder=True).prefetch(2)
-    yield from _numpy(ds, config.dataset)
+    yield from _numpy(ds, config, train=True)
     epoch, skip = epoch + 1, 0
 
 
@@ -362,7 +277,7 @@ def eval_batches(config, info: DatasetInfo) -> Iterator[dict]:
       "image": tf.zeros(info.image_shape, tf.float32), "label": tf.constant(0, tf.int32),
       "mask": tf.constant(0.0)}).repeat()
   ds = ds.take(n).concatenate(pad).take(n).batch(local).prefetch(2)
-  return _numpy(ds, config.dataset)
+  return _numpy(ds, config, train=False)
 
 
 def first_test_examples(config, info: DatasetInfo, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -385,10 +300,13 @@ def prepare(config) -> None:
   """Downloads and prepares a tfds data set; counts class subsets."""
   if not config.dataset.startswith("tfds:"):
     get_info(config)  # Validates the local files with a clear error.
+    if config.dataset == "image_folder":
+      train, test, _ = _in_memory(config)
+      local_data.check_images(np.concatenate([train[0], test[0]]))
     logging.info("%s needs no preparation.", config.dataset)
     return
-  name = config.dataset.split(":", 1)[1]
-  builder = tfds.builder(name, data_dir=config.data_dir or None)
+  builder = _tfds_builder(config, prepared=False)
+  name = builder.name
   builder.download_and_prepare()
   if config.class_subset:
     counts = {split: int(builder.as_dataset(split=split).map(lambda ex: ex["label"]).reduce(

@@ -276,6 +276,17 @@ class TestCommandLine:
     assert "/nonexistent/model.pkl" in str(e.value.code)
     assert "does not exist" in str(e.value.code)
 
+  def test_empty_file_exits_with_one_line(self):
+    # Was a bare EOFError from torch.load.
+    ckpt = self._file("empty.pt", content="")
+    fv = self._flags(ckpt, os.path.join(self.tmp, "workdir"))
+    with pytest.raises(SystemExit) as e:
+      convert.main(["convert"], flag_values=fv)
+    assert str(e.value.code) == (
+        f"codajax.convert: PyTorch checkpoint {ckpt!r} is empty (0 bytes): the download "
+        "or copy was cut short; fetch it again.")
+    assert not os.path.exists(os.path.join(self.tmp, "workdir"))
+
   def test_end_to_end_with_fake_torch(self):
     sd = random_state_dict(prefix="module.")
     ckpt = self._file("model.pkl")

@@ -20,6 +20,7 @@ import tensorflow_datasets as tfds
 
 from codajax import config_lib
 from codajax import input_pipeline
+from codajax import local_data
 from configs import digits as digits_config
 from configs import image_folder as image_folder_config
 
@@ -254,18 +255,18 @@ def test_idx_reader_rejects_bad_files(tmp_path):
   with open(path, "rb+") as f:
     f.truncate(4 + 12 + 10)
   with pytest.raises(input_pipeline.DataError, match="truncated"):
-    input_pipeline._read_idx(path)
+    local_data._read_idx(path)
   with open(path, "wb") as f:
     f.write((0x0D03).to_bytes(4, "big") + bytes(12))  # float32 IDX: not supported.
   with pytest.raises(input_pipeline.DataError, match="unsigned-byte"):
-    input_pipeline._read_idx(path)
+    local_data._read_idx(path)
   with pytest.raises(input_pipeline.DataError, match="dataset-fashion-mnist"):
-    input_pipeline._idx(str(tmp_path / "empty"))
+    local_data._idx(str(tmp_path / "empty"))
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST), reason=f"no {FASHION_MNIST}")
 def test_idx_reader_on_fashion_mnist():
-  (train_x, train_y), (test_x, test_y), names = input_pipeline._idx(FASHION_MNIST)
+  (train_x, train_y), (test_x, test_y), names = local_data._idx(FASHION_MNIST)
   assert train_x.shape == (60000, 28, 28, 1) and test_x.shape == (10000, 28, 28, 1)
   assert len(names) == 10
   # Fashion-MNIST is balanced: 6,000 training and 1,000 test images per class.
@@ -363,6 +364,49 @@ def test_image_folder_rejects_a_class_that_only_test_has(tmp_path):
       f"image_folder: class folder {str(tmp_path / 'test' / 'cat')!r} is not in "
       f"{str(tmp_path / 'train')!r} (1 such); give the class training images or remove "
       "the folder.")
+
+
+def folder_config(root):
+  config = image_folder_config.get_config("tiny")
+  config.update(data_dir=str(root), image_size=8, batch_size=8, eval_batch_size=8)
+  return config
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_an_undecodable_image_is_named_by_training_eval_and_prepare(tmp_path, damage):
+  """TF's InvalidArgumentError names no file, and prepare called the folder ready."""
+  write_folder(tmp_path, {"train": {"ant": 3, "bee": 3}, "test": {"ant": 2, "bee": 2}})
+  for split in ("train", "test"):
+    bad = tmp_path / split / "bee" / "1.png"
+    data = bad.read_bytes()
+    bad.write_bytes(data[:len(data) // 2] if damage == "truncated" else b"not a png" * 20)
+  config = folder_config(tmp_path)
+  info = input_pipeline.get_info(config)
+  for split, batches in (("train", lambda: next(input_pipeline.train_batches(config, info))),
+                         ("test", lambda: list(input_pipeline.eval_batches(config, info)))):
+    with pytest.raises(input_pipeline.DataError) as e:
+      batches()
+    path = str(tmp_path / split / "bee" / "1.png")
+    assert str(e.value) == (
+        f"image_folder: 1 file(s) cannot be decoded as images, e.g. {path!r} (truncated "
+        "or not a PNG/JPEG); replace or remove it.")
+  with pytest.raises(input_pipeline.DataError, match=r"2 file\(s\) cannot be decoded"):
+    input_pipeline.prepare(config)
+
+
+def test_an_unknown_tfds_name_is_one_line_with_suggestions():
+  # Was a 510-line traceback listing every tfds data set.
+  config = digits(dataset="tfds:fashion_mnsit")
+  for call in (input_pipeline.get_info, input_pipeline.prepare):
+    with pytest.raises(input_pipeline.DataError) as e:
+      call(config)
+    message = str(e.value)
+    assert message.startswith(
+        "config.dataset='tfds:fashion_mnsit': tfds has no data set 'fashion_mnsit' "
+        "(did you mean fashion_mnist")
+    assert "\n" not in message and len(message) < 300
+  with pytest.raises(input_pipeline.DataError, match="no data set 'nonexistent_ds';"):
+    input_pipeline.get_info(digits(dataset="tfds:nonexistent_ds"))
 
 
 def fake_source(monkeypatch, images):
