@@ -51,7 +51,7 @@ def manager(workdir: str, *, keep: int = 3, keep_best: bool = True,
         keep_checkpoints_without_metrics=False))
   options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-      enable_async_checkpointing=asynchronous, create=True)
+      enable_async_checkpointing=asynchronous, create=False)  # Made by the first save.
   # Handlers per item, so that item_metadata() can read a step's parameter
   # shapes before restoring (without them it returns no metadata at all).
   handlers = dict(params=ocp.StandardCheckpointHandler(),

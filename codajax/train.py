@@ -1,17 +1,20 @@
 """Training and evaluation of CoDA-Nets, read top to bottom.
 
 `train_and_evaluate(config, workdir, mode)` checks the mode, then `setup`
-builds what every mode shares, in numbered phases: 1 workdir and logging,
-2 mesh, 3 input, 4 model and optimizer, 5 sharding and initialisation, 6 update
-and eval steps (the steps themselves are `codajax.steps`), 7 restore. Then one function per mode runs, and closes the
-writers and the checkpoint manager however it ends: `train_mode` (8, the
-loop), `eval_mode`, `explain_mode`. Each returns a `Result`.
+builds what every mode shares, in numbered phases: 1 config and workdir checks,
+2 mesh, 3 input (then the workdir is locked, `codajax.workdir`), 4 model and
+optimizer, 5 sharding and initialisation, 6 update and eval steps (the steps
+themselves are `codajax.steps`), 7 restore. Then one function per mode runs,
+and closes the writers, the checkpoint manager and the workdir however it
+ends: `train_mode` (8, the loop), `eval_mode`, `explain_mode`. Each returns a
+`Result`. SIGTERM or Ctrl-C stops training after a save (`_stop_requests`).
 
 The same code runs on one CPU, on 8 GPUs and on multi-host TPU pods: the batch
 is sharded over a 1-D device mesh ('data'), parameters are replicated, and each
 host feeds its own slice through `jax.make_array_from_process_local_data`.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -19,8 +22,9 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 from clu import metric_writers
 from clu import parameter_overview
@@ -38,16 +42,35 @@ from codajax import input_pipeline
 from codajax import models
 from codajax import plotting
 from codajax import steps
+from codajax import workdir as workdir_lib
 
 
 class MetricsLog:
-  """CLU writer (TensorBoard + log) plus <workdir>/metrics.jsonl, process 0 only."""
+  """CLU writer (TensorBoard + log) plus <workdir>/metrics.jsonl, process 0 only.
 
-  def __init__(self, workdir: str):
-    self.primary = jax.process_index() == 0
-    self.writer = metric_writers.create_default_writer(
-        workdir, just_logging=not self.primary, asynchronous=True)
+  Both are opened at the first write, so a run that fails before it leaves no
+  file. `resumed_at`: the step a training run resumed from; lines after it,
+  logged by a run killed before its next checkpoint, are dropped then, so no
+  step is logged twice. `enabled=False` (eval in a read-only workdir): logs only.
+  """
+
+  def __init__(self, workdir: str, *, resumed_at: Optional[int] = None, enabled: bool = True):
+    self.primary = jax.process_index() == 0 and enabled
+    self.workdir, self.resumed_at, self._writer = workdir, resumed_at, None
     self.path = os.path.join(workdir, "metrics.jsonl")
+
+  @property
+  def writer(self) -> metric_writers.MetricWriter:
+    if self._writer is None:
+      if self.primary and self.resumed_at is not None and os.path.exists(self.path):
+        _drop_lines_after(self.path, self.resumed_at)
+      self._writer = metric_writers.create_default_writer(
+          self.workdir, just_logging=not self.primary, asynchronous=True)
+    return self._writer
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    """TensorBoard and the log only (CLU's writer interface, for ReportProgress)."""
+    self.writer.write_scalars(step, scalars)
 
   def write(self, step: int, scalars: dict) -> None:
     scalars = {k: float(v) for k, v in scalars.items()}
@@ -57,16 +80,34 @@ class MetricsLog:
         f.write(json.dumps({"step": int(step), **scalars}) + "\n")
 
   def close(self):
-    self.writer.flush()
-    self.writer.close()
+    if self._writer is not None:
+      self._writer.flush()
+      self._writer.close()
+
+
+def _drop_lines_after(path: str, step: int) -> None:
+  """Keeps the complete lines of metrics.jsonl up to `step` (atomically)."""
+  keep = []
+  with open(path) as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= step:
+          keep.append(line if line.endswith("\n") else line + "\n")
+      except (ValueError, KeyError, TypeError):
+        pass  # A line cut short by the kill.
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
 
 
 # ------------------------------------------------------------------ setup
 
 # What every mode returns: the eval metrics it computed ("eval/top1", "eval/top5",
 # "eval/loss", "eval/count"; none from "explain" or a run preempted before its
-# eval), "step": the checkpoint's step (from "eval" only), and "figures": the
-# paths of the figures it wrote (a list, maybe empty).
+# eval), "step": the checkpoint's step (from "eval" only), "figures": the
+# paths of the figures it wrote (a list, maybe empty), and, only from a
+# training run stopped early by SIGTERM, Ctrl-C or a preemption notice,
+# "preempted": {"step": the step saved, "signal": its name}.
 Result = dict
 
 
@@ -87,26 +128,39 @@ class Run:
   eval_step_fn: Callable
   mngr: ocp.CheckpointManager
   log: MetricsLog
+  wd: workdir_lib.Workdir
 
   def close(self):
-    """Waits for pending checkpoints, then closes the manager and the writers."""
+    """Waits for pending checkpoints, closes the manager and the writers, and
+    releases the workdir (removing what this run created and left empty)."""
     try:
       self.mngr.wait_until_finished()
       self.mngr.close()
     finally:
-      self.log.close()
+      try:
+        self.log.close()
+      finally:
+        self.wd.close(tidy=True)
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str, *,
-          set_aside: bool = False) -> Run:
+def setup(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -> Run:
   """Phases 1-7, shared by every mode.
 
-  set_aside (train mode): unreadable checkpoints newer than the restored one are
-  moved to checkpoints/corrupt/, so that training can save those steps again.
+  In train mode, unreadable checkpoints newer than the restored one are moved
+  to checkpoints/corrupt/, so that training can save those steps again. Eval
+  mode also runs in a read-only workdir (its metrics are then only logged).
   """
-  # 1. Config, workdir and logging (the writers open once the checkpoint is read).
+  # 1. Config, workdir and logging (the writers open at their first write). -
   config_lib.validate(config)  # Every field at once, before any work.
   workdir = os.path.abspath(workdir)
+  wd = workdir_lib.Workdir(workdir, checkpoint.directory(workdir))
+  primary = jax.process_index() == 0
+  writable = wd.writable() is None
+  if primary and mode != "eval":
+    wd.check_writable()  # One line now, not orbax's retries after the work.
+  if primary and not writable and mode == "eval":
+    logging.warning("%s is not writable: the eval metrics are printed, not written.",
+                    workdir)
 
   # 2. Mesh: one 'data' axis over every device of every host. --------------
   mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -119,58 +173,61 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *,
   per_epoch = input_pipeline.steps_per_epoch(config, info)
   num_steps = (config.num_steps if config.num_steps > 0
                else max(1, int(config.num_epochs * per_epoch)))
-  if jax.process_index() == 0:  # Only once the data is known to be there.
-    os.makedirs(workdir, exist_ok=True)
+  if primary and writable:  # Only once the data is known to be there.
+    wd.open()  # Creates it if needed; one run at a time.
+  try:  # From here on, an error releases the workdir and leaves it as it was.
+    # 4. Model and optimizer. -------------------------------------------------
+    model = models.from_config(config.model)
+    accum = config.grad_accum_steps
+    lr_fn = steps.learning_rate_fn(config, per_epoch / accum, num_steps // accum)
+    tx = steps.make_optimizer(config, lr_fn)
 
-  # 4. Model and optimizer. -------------------------------------------------
-  model = models.from_config(config.model)
-  accum = config.grad_accum_steps
-  lr_fn = steps.learning_rate_fn(config, per_epoch / accum, num_steps // accum)
-  tx = steps.make_optimizer(config, lr_fn)
+    # 5. Sharding and initialisation: parameters replicated on every device. --
+    init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+    dummy = jnp.zeros((1, *info.image_shape), jnp.float32)
 
-  # 5. Sharding and initialisation: parameters replicated on every device. --
-  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-  dummy = jnp.zeros((1, *info.image_shape), jnp.float32)
+    @functools.partial(jax.jit, out_shardings=replicated)
+    def init(rng):
+      params = model.init(rng, dummy)["params"]
+      return steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
-  @functools.partial(jax.jit, out_shardings=replicated)
-  def init(rng):
-    params = model.init(rng, dummy)["params"]
-    return steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    state = init(init_rng)
 
-  state = init(init_rng)
+    # 6. Update and eval steps, jitted over the mesh; the state is donated. ---
+    train_step_fn = jax.jit(
+        functools.partial(steps.train_step, model=model, tx=tx, config=config,
+                          rng=train_rng, lr_fn=lr_fn),
+        in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
+        donate_argnums=0)
+    eval_step_fn = jax.jit(functools.partial(steps.eval_step, model=model),
+                           in_shardings=(replicated, batch_sharding), out_shardings=replicated)
 
-  # 6. Update and eval steps, jitted over the mesh; the state is donated. ---
-  train_step_fn = jax.jit(
-      functools.partial(steps.train_step, model=model, tx=tx, config=config,
-                        rng=train_rng, lr_fn=lr_fn),
-      in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
-      donate_argnums=0)
-  eval_step_fn = jax.jit(functools.partial(steps.eval_step, model=model),
-                         in_shardings=(replicated, batch_sharding), out_shardings=replicated)
-
-  # 7. Restore the latest checkpoint (or an imported one), if any. ---------
-  mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
-  try:
-    restored = checkpoint.restore(mngr, checkpoint.abstract(state.params),
-                                  checkpoint.abstract(state.opt_state),
-                                  set_aside=set_aside)
+    # 7. Restore the latest checkpoint (or an imported one), if any. ---------
+    mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
+    try:
+      restored = checkpoint.restore(mngr, checkpoint.abstract(state.params),
+                                    checkpoint.abstract(state.opt_state),
+                                    set_aside=mode == "train")
+    except BaseException:
+      mngr.close()
+      raise
+    start = 0
+    if restored is not None:
+      step, params, opt_state, meta = restored
+      if opt_state is None:  # Imported weights: fine-tune from step 0.
+        state = state.replace(params=params)
+        logging.info("Starting from imported parameters (%s).", meta.get("source"))
+      else:
+        start = step
+        state = steps.TrainState(jnp.asarray(step, jnp.int32), params, opt_state)
+        state = jax.device_put(state, replicated)
+        logging.info("Resumed from %s/%d.", mngr.directory, step)
+    log = MetricsLog(workdir, resumed_at=start if mode == "train" else None, enabled=writable)
+    return Run(config, workdir, info, model, per_epoch, num_steps, batch_sharding, state,
+               start, restored is not None, train_step_fn, eval_step_fn, mngr, log, wd)
   except BaseException:
-    mngr.close()
+    wd.close(tidy=True)
     raise
-  start = 0
-  if restored is not None:
-    step, params, opt_state, meta = restored
-    if opt_state is None:  # Imported weights: fine-tune from step 0.
-      state = state.replace(params=params)
-      logging.info("Starting from imported parameters (%s).", meta.get("source"))
-    else:
-      start = step
-      state = steps.TrainState(jnp.asarray(step, jnp.int32), params, opt_state)
-      state = jax.device_put(state, replicated)
-      logging.info("Resumed from %s/%d.", mngr.directory, step)
-  return Run(config, workdir, info, model, per_epoch, num_steps, batch_sharding, state,
-             start, restored is not None, train_step_fn, eval_step_fn, mngr,
-             MetricsLog(workdir))
 
 
 def evaluate(run: Run, params, step: int) -> dict:
@@ -210,13 +267,15 @@ def write_figures(run: Run, params) -> list:
 # ------------------------------------------------------------------ modes
 
 
-def train_mode(run: Run) -> Result:
-  """Trains from the restored step to num_steps, evaluating and checkpointing."""
-  config, num_steps, per_epoch, previous = run.config, run.num_steps, run.steps_per_epoch, None
+def train_mode(run: Run, stops: Sequence[str] = ()) -> Result:
+  """Trains from the restored step to num_steps, evaluating and checkpointing.
+
+  `stops`: filled with a signal's name when one asks the run to stop (see
+  `_stop_requests`); the run then saves the step it is at and returns.
+  """
+  config, num_steps, per_epoch, batches = run.config, run.num_steps, run.steps_per_epoch, None
   try:
     if jax.process_index() == 0:
-      with open(os.path.join(run.workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
       parameter_overview.log_parameter_overview(run.state.params)
 
     # 8. The loop. ---------------------------------------------------------
@@ -224,16 +283,17 @@ def train_mode(run: Run) -> Result:
     ckpt_every = (config.checkpoint_every_steps if config.checkpoint_every_steps > 0
                   else per_epoch)
     meta = {"model": config.model.to_dict(), "config": config.to_dict()}
-    report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=run.log.writer)
-    preempted = []
-    if jax.process_count() == 1:
-      previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=run.log)
     batches = input_pipeline.train_batches(config, run.info, run.start)
     state, metrics, eval_metrics, pending = run.state, [], {}, None
     t_log = time.time()
     for step in range(run.start + 1, num_steps + 1):
       batch = input_pipeline.to_global(next(batches), run.batch_sharding)
       state, m = run.train_step_fn(state, batch)
+      if step == run.start + 1 and run.log.primary:
+        # Once a step has run: a run that fails before leaves nothing behind.
+        with open(os.path.join(run.workdir, "config.json"), "w") as f:
+          f.write(config.to_json_best_effort(indent=2))
       if pending is not None:
         _check_finite(*pending)
       pending = (step, m["train/loss"])
@@ -245,7 +305,7 @@ def train_mode(run: Run) -> Result:
         run.log.write(step, means)
         metrics, t_log = [], time.time()
       is_eval = step % eval_every == 0 or step == num_steps
-      stop = bool(preempted) or run.mngr.reached_preemption(step)
+      stop = bool(stops) or run.mngr.reached_preemption(step)
       tracked = None
       if step % ckpt_every == 0 or step == num_steps or stop:
         # Save first, then evaluate: an error in the evaluation (a bad test
@@ -261,13 +321,14 @@ def train_mode(run: Run) -> Result:
         run.log.write(step, eval_metrics)
         if tracked is not None:
           tracked.update(eval_metrics)
-        elif preempted:  # SIGTERM during the evaluation: save this step too.
+        elif stops:  # A signal during the evaluation: save this step too.
           stop = True
           _save(run, step, state, m, meta, dict(eval_metrics))
       if stop:
-        logging.warning("Preempted at step %d: checkpoint saved; rerun the same "
-                        "command to resume.", step)
-        return {**eval_metrics, "figures": []}
+        name = stops[0] if stops else "preemption notice"
+        logging.warning("Preempted (%s) at step %d: checkpoint saved; rerun the same "
+                        "command to resume.", name, step)
+        return {**eval_metrics, "figures": [], "preempted": {"step": step, "signal": name}}
     if pending is not None:
       _check_finite(*pending)
     if not eval_metrics:  # Already finished: report, don't retrain.
@@ -275,8 +336,8 @@ def train_mode(run: Run) -> Result:
     figures = write_figures(run, state.params) if config.explain_at_end else []
     return {**eval_metrics, "figures": figures}
   finally:
-    if previous is not None:
-      signal.signal(signal.SIGTERM, previous)
+    if batches is not None:
+      batches.close()  # Stops the tf.data pipeline before the process exits.
     run.close()
 
 
@@ -321,7 +382,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   if mode not in MODES:  # Before reading any data or building anything.
     raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}.")
-  return MODES[mode](setup(config, workdir, set_aside=mode == "train"))
+  if mode == "train":
+    with _stop_requests() as stops:
+      return train_mode(setup(config, workdir, mode), stops)
+  return MODES[mode](setup(config, workdir, mode))
+
+
+@contextlib.contextmanager
+def _stop_requests():
+  """SIGTERM and Ctrl-C (SIGINT) ask a training run to save and stop after its
+  current step (a second Ctrl-C interrupts at once); yields the list of their
+  names. Only in a single process's main thread: multi-host runs stop on
+  JAX's preemption notice (`reached_preemption`)."""
+  stops = []
+  if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+    yield stops
+    return
+
+  def request_stop(signum, frame):
+    del frame
+    if signum == signal.SIGINT and "SIGINT" in stops:
+      raise KeyboardInterrupt
+    stops.append(signal.Signals(signum).name)
+
+  previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield stops
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
 
 
 def _save(run: Run, step: int, state, m, meta, metrics):

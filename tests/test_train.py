@@ -32,6 +32,7 @@ from codajax import config_lib
 from codajax import input_pipeline
 from codajax import models
 from codajax import train
+from codajax import workdir as workdir_lib
 from configs import cifar10 as cifar10_config
 from configs import digits as digits_config
 
@@ -426,34 +427,41 @@ def test_two_hosts_match_one_host(tmp_path, xla_cache):
 # -------------------------------------------------------------- preemption
 
 
-def test_sigterm_saves_exits_cleanly_and_the_rerun_resumes(tmp_path, xla_cache):
-  """`python -m codajax.main`, SIGTERM after the first logged step: rc 0, a
-  checkpoint at the step it stopped, and the same command continues there."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_exits_75_with_one_line_and_the_rerun_resumes(
+    tmp_path, xla_cache, sig):
+  """`python -m codajax.main`, SIGTERM or Ctrl-C after the first logged step:
+  a checkpoint at the step it stopped, exit status 75 and one line (it was 0
+  with "train done" and stale metrics), and the same command continues there."""
   workdir = str(tmp_path / "run")
   flags = [f"--config.{k}={v}" for k, v in FAST_DIGITS.items()]
   flags.append("--config.num_steps=100000")
   proc = subprocess.Popen(
       [sys.executable, "-m", "codajax.main", f"--config={ROOT}/configs/digits.py:tiny",
        f"--workdir={workdir}", *flags], cwd=ROOT, env=subprocess_env(8, xla_cache),
-      text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+      text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 240
   while not (os.path.exists(metrics) and os.path.getsize(metrics)):
     if proc.poll() is not None or time.time() > deadline:
       proc.kill()
-      pytest.fail("the run never logged a step:\n" + proc.communicate()[0][-5000:])
+      pytest.fail("the run never logged a step:\n" + proc.communicate()[1][-5000:])
     time.sleep(0.1)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   try:
-    out = proc.communicate(timeout=120)[0]
+    out, err = proc.communicate(timeout=120)
   except subprocess.TimeoutExpired:
     proc.kill()
-    pytest.fail("SIGTERM did not stop the run:\n" + proc.communicate()[0][-5000:])
-  assert proc.returncode == 0, out[-5000:]
-  assert "Preempted at step" in out
+    pytest.fail("the signal did not stop the run:\n" + proc.communicate()[1][-5000:])
   stopped = train_steps(workdir)[-1]
+  assert proc.returncode == 75, err[-5000:]
+  assert "train done" not in out
+  assert err.splitlines()[-1] == (
+      f"codajax: preempted ({sig.name}) at step {stopped}: checkpoint saved in "
+      f"{checkpoint.directory(workdir)}; rerun the same command to resume.")
   assert stopped < 100000
   assert checkpoint_steps(workdir) == [stopped]
+  assert not os.path.exists(os.path.join(workdir, ".codajax.lock"))  # Released.
 
   # The same command again (here in-process, ending one step later) resumes.
   result = train.train_and_evaluate(digits(num_steps=stopped + 1), workdir)
@@ -522,3 +530,94 @@ def test_training_past_an_unreadable_step_sets_it_aside_and_finishes(tmp_path):
   assert checkpoint_steps(workdir) == [2, 4, 6]
   assert sorted(os.listdir(os.path.join(ckpts, "corrupt"))) == ["4", "6"]
   assert train_steps(workdir)[-4:] == [3, 4, 5, 6]  # Resumed from step 2.
+
+
+# ------------------------------------------------------------- the workdir
+
+
+def test_a_workdir_in_use_is_refused_with_one_line_before_the_model_is_built(
+    tmp_path, monkeypatch):
+  """Two runs in one workdir mixed their checkpoints and metrics without a word."""
+  workdir = tmp_path / "run"
+  other = workdir_lib.Workdir(str(workdir), checkpoint.directory(str(workdir)))
+  other.open()  # Another run (in another process, the lock works the same: test_workdir).
+
+  def no_model(config):
+    raise AssertionError("the model was built")
+  monkeypatch.setattr(models, "from_config", no_model)
+  with pytest.raises(workdir_lib.WorkdirError, match=(
+      rf"--workdir={workdir} is in use by another codajax run \(pid {os.getpid()} on ")):
+    train.train_and_evaluate(digits(num_steps=1), str(workdir))
+  other.close()
+  assert os.listdir(workdir) == []
+
+
+def test_an_unwritable_workdir_is_one_line_before_any_work(tmp_path, monkeypatch):
+  """It hung for 5 minutes in orbax's retries, then printed 12 tracebacks."""
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints").mkdir(parents=True)
+
+  def no_data(config):
+    raise AssertionError("the data was read")
+  monkeypatch.setattr(input_pipeline, "get_info", no_data)
+  monkeypatch.setattr(workdir_lib, "_probe", lambda d: "Permission denied")  # As root too.
+  for mode in ("train", "explain"):
+    with pytest.raises(workdir_lib.WorkdirError, match=(
+        rf"--workdir={workdir} cannot be written: {workdir}(/checkpoints)? is not writable "
+        r"\(Permission denied\)\. Fix the permissions or choose another --workdir\.")):
+      train.train_and_evaluate(digits(num_steps=1), str(workdir), mode=mode)
+
+
+def test_eval_in_a_read_only_workdir_prints_and_writes_nothing(tmp_path, monkeypatch):
+  """It failed while creating the TensorBoard writer."""
+  workdir = str(tmp_path)
+  config = digits(num_steps=1)
+  trained = train.train_and_evaluate(config, workdir)
+  before = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(workdir, "**"),
+                                                      recursive=True)}
+  monkeypatch.setattr(workdir_lib, "_probe", lambda d: "Read-only file system")
+  evaluated = train.train_and_evaluate(config, workdir, mode="eval")
+  assert evaluated["step"] == 1
+  np.testing.assert_allclose(evaluated["eval/loss"], trained["eval/loss"], rtol=1e-6)
+  after = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(workdir, "**"),
+                                                     recursive=True)}
+  assert after == before  # No new file, nothing rewritten.
+
+
+def test_a_run_failing_before_its_first_step_leaves_nothing_behind(tmp_path, monkeypatch):
+  def broken(config, info, start_step=0):
+    raise input_pipeline.DataError("broken batch")
+    yield  # pylint: disable=unreachable
+  monkeypatch.setattr(input_pipeline, "train_batches", broken)
+  fresh = tmp_path / "fresh"
+  with pytest.raises(input_pipeline.DataError, match="broken batch"):
+    train.train_and_evaluate(digits(num_steps=2), str(fresh))
+  assert not fresh.exists()  # No config.json, events file or empty checkpoints/.
+  existing = tmp_path / "existing"
+  existing.mkdir()
+  with pytest.raises(input_pipeline.DataError, match="broken batch"):
+    train.train_and_evaluate(digits(num_steps=2), str(existing))
+  assert os.listdir(existing) == []
+
+
+def test_a_kill_after_a_log_line_leaves_no_duplicate_line(tmp_path, monkeypatch):
+  """Steps 3 was logged, then the run died before checkpointing it: the rerun
+  from step 2 logs 3 again, once."""
+  workdir = str(tmp_path)
+  original = input_pipeline.train_batches
+
+  def killed_at_step_4(config, info, start_step=0):
+    for s, batch in enumerate(original(config, info, start_step), start_step + 1):
+      if s == 4:
+        with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+          f.write('{"step": 4, "train/lo')  # The kill also cut a line short.
+        raise SystemExit("killed")
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, "train_batches", killed_at_step_4)
+  with pytest.raises(SystemExit):
+    train.train_and_evaluate(digits(num_steps=4, checkpoint_every_steps=2), workdir)
+  assert checkpoint_steps(workdir) == [2]
+  monkeypatch.undo()
+  train.train_and_evaluate(digits(num_steps=4, checkpoint_every_steps=2), workdir)
+  assert train_steps(workdir) == [1, 2, 3, 4]
