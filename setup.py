@@ -31,5 +31,7 @@ setuptools.setup(
         "test": ["pytest>=8", "pytest-xdist>=3.6", "hypothesis>=6.100", "pyflakes>=3.2"],
         # Only to read the authors' .pkl/.pt checkpoints (codajax.convert).
         "torch": ["torch>=2.4"],
+        # Only for the LIME baseline (codajax.attribution, method "lime").
+        "lime": ["lime>=0.2.0.1", "scikit-image>=0.22"],
     },
 )

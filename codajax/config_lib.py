@@ -28,6 +28,26 @@ IMPLS = ("fused", "materialized")
 CONTRACTIONS = ("auto", "conv", "dot")
 NORMS = ("squash", "l2")
 LOCAL_DATASETS = ("digits", "idx", "image_folder")
+# The interpretability evaluation (--mode evaluate): each attribution method
+# of codajax.attribution with its options and their defaults (the authors'
+# settings; that module's docstring says what each one means), the metrics of
+# codajax.evaluation and their choices.
+ATTRIBUTION_OPTIONS = {
+    "ours": {}, "grad": {}, "ixg": {},
+    "intgrad": dict(steps=20, quadrature="gausslegendre", chunk=4),
+    "deeplift": {},
+    "gradcam": dict(layer=-1),
+    "occ5": dict(stride=2, exact_patch=False, chunk=32),
+    "occ9": dict(stride=2, exact_patch=False, chunk=32),
+    "rise": dict(num_masks=6000, s=6, p=0.1, seed=42, chunk=32),
+    "lime": dict(num_samples=256, num_features=3, kernel_size=1, max_dist=200, ratio=0.2,
+                 seed=42, batch_size=32),
+}
+METRICS = ("localisation", "pixel_removal")
+REMOVAL_ORDERS = ("least", "most")
+REMOVAL_FILLS = ("encoded_zero", "black")
+# The methods with stored results in the authors' repository (the paper's figures).
+PAPER_METHODS = ("ours", "grad", "ixg", "intgrad", "deeplift", "gradcam", "occ5", "occ9")
 
 
 class ConfigError(ValueError):
@@ -96,7 +116,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.num_explain = 8           # Test images explained by --mode=explain and at the end.
   c.explain_at_end = False
+  c.evaluation = evaluation_config()
   return c.lock()
+
+
+def evaluation_config() -> ml_collections.ConfigDict:
+  """--mode evaluate's settings: the authors' 500_3x3 localisation and default
+  pixel removal (see codajax/evaluation.py), for the methods of their figures."""
+  e = ml_collections.ConfigDict()
+  e.methods = PAPER_METHODS   # Any of ATTRIBUTION_OPTIONS ("lime": pip install codajax[lime]).
+  e.metrics = METRICS
+  # Localisation: num_grids n x n grids of confident, correct test images.
+  e.grid_size = 3
+  e.num_grids = 500
+  e.conf_thresh = 0.5         # sigmoid(logit) must exceed it.
+  e.skip_bug = True           # The original skips one image after every grid.
+  e.smooth = 1                # Average-pool size before the clamp (odd; 1: none).
+  e.seed = 42                 # Of the class draws.
+  e.num_comparison = 3        # Grids drawn in comparison.png (0: no figure).
+  # Pixel removal: the first num_images test images, their true class.
+  e.num_images = 1024
+  e.fraction = 0.25           # Remove up to this fraction of the pixels ...
+  e.points = 128              # ... in this many steps (points + 1 values).
+  e.order = "least"           # Least important first, or "most".
+  e.fill = "encoded_zero"     # All 2C channels of [x, 1 - x] zeroed (original), or "black".
+  e.batch_size = 8            # Grids or images per attribution call (per process).
+  e.options = ml_collections.ConfigDict(
+      {m: ml_collections.ConfigDict(o) for m, o in ATTRIBUTION_OPTIONS.items()})
+  return e
 
 
 def parse_arg(arg):
@@ -246,6 +293,7 @@ def validate(config) -> None:
       and len(config.dataset) > 5), "dataset",
        f"use 'tfds:<name>' or one of {LOCAL_DATASETS}.")
   _validate_model(config, need)
+  _validate_evaluation(config, need)
   if problems:
     raise ConfigError("\n".join(problems))
 
@@ -279,6 +327,27 @@ def _validate_model(config, need) -> None:
     need(all(v >= 1 for v in m[f]), f"model.{f}", "entries must be >= 1.")
   need(all(0 <= p < k for p, k in zip(m.paddings, m.kernel_sizes)), "model.paddings",
        "entries must satisfy 0 <= padding < kernel size.")
+
+
+def _validate_evaluation(config, need) -> None:
+  e = config.evaluation
+  need(isinstance(e.methods, (tuple, list)) and len(e.methods) > 0
+       and set(e.methods) <= set(ATTRIBUTION_OPTIONS), "evaluation.methods",
+       f"must be a non-empty sequence of {tuple(ATTRIBUTION_OPTIONS)}.")
+  need(isinstance(e.metrics, (tuple, list)) and len(e.metrics) > 0
+       and set(e.metrics) <= set(METRICS), "evaluation.metrics",
+       f"must be a non-empty sequence of {METRICS}.")
+  for f, low in (("grid_size", 2), ("num_grids", 1), ("num_images", 1), ("points", 1),
+                 ("batch_size", 1), ("smooth", 1), ("num_comparison", 0), ("seed", 0)):
+    need(_is_int(e[f]) and e[f] >= low, f"evaluation.{f}", f"must be an integer >= {low}.")
+  need(not _is_int(e.smooth) or e.smooth % 2 == 1, "evaluation.smooth",
+       "must be odd (a centred window).")
+  need(_number(e.conf_thresh) and 0 <= e.conf_thresh < 1, "evaluation.conf_thresh",
+       "must be in [0, 1).")
+  need(_number(e.fraction) and 0 < e.fraction <= 1, "evaluation.fraction",
+       "must be in (0, 1].")
+  need(e.order in REMOVAL_ORDERS, "evaluation.order", f"use one of {REMOVAL_ORDERS}.")
+  need(e.fill in REMOVAL_FILLS, "evaluation.fill", f"use one of {REMOVAL_FILLS}.")
 
 
 def one_line(error: BaseException) -> str:

@@ -38,7 +38,8 @@ class Explanation(NamedTuple):
     return self.linear_map * self.layer_input[:, None].astype(self.linear_map.dtype)
 
 
-def _classes(classes, n: int, num_classes: int) -> jax.Array:
+def target_classes(classes, n: int, num_classes: int) -> jax.Array:
+  """classes as an (n, K) int array (None: all classes), checked."""
   if classes is None:
     return jnp.broadcast_to(jnp.arange(num_classes), (n, num_classes))
   classes = jnp.asarray(classes)
@@ -75,7 +76,7 @@ def explain(model: models.CoDANet, variables, x: jax.Array, classes=None,
     raise ValueError(f"layer must be in [0, {num_layers - 1}], got {layer}.")
   inputs, logits = model.apply(variables, x, method=models.CoDANet.layer_inputs)
   n = x.shape[0]
-  classes = _classes(classes, n, model.num_classes)
+  classes = target_classes(classes, n, model.num_classes)
   h_out, w_out = _output_hw(model, inputs[-1].shape[1:3], num_layers - 1)
   # Sum-pool transpose and 1/T: every position of the last layer's output
   # carries onehot(c) / T. The sweep keeps the class axis last, (N, H, W, C, K),

@@ -133,7 +133,28 @@ class CoDANet(nn.Module):
 
   def layer_inputs(self, x: jax.Array) -> tuple[list[jax.Array], jax.Array]:
     """One forward pass: ([x_0, ..., x_{L-1}], logits), x_l the input of layer l."""
-    h = self.encode(x)
+    return self._forward(self.encode(x))
+
+  def encoded_logits(self, h: jax.Array) -> jax.Array:
+    """The logits of an input already encoded, h = [x, 1 - x] of shape
+    (N, H, W, 2C), possibly edited: pixel removal sets all 2C channels of a
+    pixel to 0, which no image encodes to, so that the pixel contributes 0.
+
+    Use as model.apply(variables, h, method=CoDANet.encoded_logits).
+    """
+    params = self.variables.get("params", {})
+    expected = params["layer_0"]["B"].shape[2] if "layer_0" in params else None
+    if h.ndim != 4 or h.shape[-1] % 2 or (expected and h.shape[-1] != expected):
+      raise ValueError(
+          f"CoDANet.encoded_logits expects an encoded input [x, 1 - x] of shape "
+          f"(N, H, W, {expected or '2C'}); got shape {tuple(h.shape)}. Encode images "
+          "with model.apply(variables, x, method=CoDANet.encode), or call the model "
+          "on the images themselves.")
+    check_input_shape(self, h.shape)
+    return self._forward(h)[1]
+
+  def _forward(self, h: jax.Array) -> tuple[list[jax.Array], jax.Array]:
+    """The layer loop of `layer_inputs` and `encoded_logits`, from x_0 = h."""
     inputs = []
     for layer in self.layers:
       inputs.append(h)

@@ -268,8 +268,25 @@ def override(*args):
     (["--config.model.temperature=0"], "config.model.temperature=0.0: must be"),
     (["--config.image_size=0"], "config.image_size=0: must be an integer >= 1 (or unset)."),
     (["--config.dataset=mnist"], "config.dataset='mnist': use 'tfds:<name>' or one of"),
+    (["--config.evaluation.methods=('ours','shap')"], "config.evaluation.methods=('ours', "
+     "'shap'): must be a non-empty sequence of ('ours', 'grad', 'ixg', 'intgrad', 'deeplift', "
+     "'gradcam', 'occ5', 'occ9', 'rise', 'lime')."),
+    (["--config.evaluation.metrics=('pointing',)"], "config.evaluation.metrics=('pointing',):"),
+    (["--config.evaluation.grid_size=1"], "config.evaluation.grid_size=1: must be an integer "
+                                          ">= 2."),
+    (["--config.evaluation.smooth=4"], "config.evaluation.smooth=4: must be odd"),
+    (["--config.evaluation.conf_thresh=1.5"], "config.evaluation.conf_thresh=1.5: must be in"),
+    (["--config.evaluation.fraction=0"], "config.evaluation.fraction=0.0: must be in (0, 1]."),
+    (["--config.evaluation.order=random"], "config.evaluation.order='random': use one of "
+                                           "('least', 'most')."),
+    (["--config.evaluation.fill=grey"], "config.evaluation.fill='grey': use one of"),
+    (["--config.evaluation.options.rise.num_mask=5"], None),
 ])
 def test_validate_names_the_field_and_the_fix(args, message):
+  if message is None:  # A misspelt option is no field of the locked config.
+    with pytest.raises(AttributeError, match="num_mask"):
+      override(*args)
+    return
   config = override(*args)
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate(config)
@@ -296,6 +313,11 @@ def test_known_values_agree_with_the_modules():
   assert config_lib.IMPLS == models.IMPLS
   assert config_lib.CONTRACTIONS == models.CONTRACTIONS
   assert config_lib.NORMS == dau.NORMS
+  from codajax import attribution, evaluation  # pylint: disable=g-import-not-at-top
+  assert attribution.METHODS == tuple(config_lib.ATTRIBUTION_OPTIONS)
+  assert set(config_lib.PAPER_METHODS) <= set(attribution.METHODS)
+  assert config_lib.REMOVAL_ORDERS == evaluation.ORDERS
+  assert config_lib.REMOVAL_FILLS == evaluation.FILLS
   c = digits.get_config("tiny")
   for schedule in config_lib.LR_SCHEDULES:  # steps knows every one.
     c.lr_schedule = schedule

@@ -403,3 +403,29 @@ def test_wrong_channel_count_is_one_clear_error(channels):
   for apply in (model.apply, jax.jit(model.apply)):
     with pytest.raises(ValueError, match=f"take images with 3 channel.*got {channels}"):
       apply(variables, x)
+
+
+# ------------------------------------------------- the forward on an encoded input
+
+
+@pytest.mark.parametrize("impl", ["fused", "materialized"])
+def test_encoded_logits_of_the_encoded_image_are_the_logits(impl):
+  model = models.tiny(impl=impl)
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 8, 8, 3)), jnp.float32)
+  variables = random_like(variable_shapes(model, x.shape), seed=1)
+  h = model.apply(variables, x, method=models.CoDANet.encode)
+  encoded = jax.jit(functools.partial(model.apply, method=models.CoDANet.encoded_logits))
+  logits = jax.jit(model.apply)(variables, x)
+  chex.assert_trees_all_close(encoded(variables, h), logits, rtol=1e-6)
+  # A removed pixel (0 in all 2C channels) is outside what images encode to.
+  removed = encoded(variables, h.at[0, 3, 4].set(0.0))
+  assert jnp.abs(removed[0] - logits[0]).max() > 0
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (8, 8, 6), (2, 8, 8, 5)])
+def test_encoded_logits_rejects_inputs_that_are_not_encoded(shape):
+  model = models.tiny()
+  variables = random_like(variable_shapes(model, (1, 8, 8, 3)), seed=0)
+  with pytest.raises(ValueError, match=r"expects an encoded input \[x, 1 - x\] of shape "
+                     r"\(N, H, W, 6\).*method=CoDANet.encode"):
+    model.apply(variables, jnp.zeros(shape), method=models.CoDANet.encoded_logits)

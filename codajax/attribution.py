@@ -1,0 +1,334 @@
+"""Post-hoc attribution baselines, as the authors' evaluation computes them.
+
+`attribute(method, model, variables, x, classes, **options)` gives, for images
+x (N, H, W, C) in [0, 1] and classes (N, K) (or (K,), or None for all), the
+signed attribution per pixel summed over the channels the method attributes
+to: (N, K, H, W) float32. Options are keyword arguments; `OPTIONS[method]`
+lists each method's options with their defaults. The settings are those of the
+authors' code (github.com/moboehle/CoDA-Nets, interpretability/
+explanation_methods):
+
+  ours      `explain.contribution_maps`: the contributions on the encoded
+            input [x, 1 - x], 6 channels summed. No autodiff.
+  grad      d logit_t / d x on the RGB input, signed, through the dynamic
+            weights (not detached), channels summed (captum Saliency, abs=False).
+  ixg       x * d logit_t / d x, channels summed (captum InputXGradient).
+  intgrad   Integrated Gradients from the zero RGB baseline (captum, n_steps=20):
+            x * sum_i w_i grad(a_i x). `steps`=20; `quadrature`="gausslegendre"
+            (captum's default: nodes a_i = (1 + u_i) / 2, weights w_i = v_i / 2
+            from numpy.polynomial.legendre.leggauss) or "riemann" (captum's
+            "riemann_right": a_i = i / n, w_i = 1 / n, i = 1..n; one step is ixg).
+  deeplift  ixg. DeepLIFT with a zero baseline is (x - 0) * grad wherever the
+            network has no non-linearity its rescale rule treats differently;
+            a CoDA-Net has none (the authors' stored DeepLIFT and IxG results
+            agree to 1.5e-7).
+  gradcam   GradCAM (captum LayerGradCam): ReLU(sum_c mean_hw(dlogit_t/dA_c) A_c),
+            upsampled to H x W by torch's "nearest" (src = floor(dst * in / out)).
+            `layer`=-1: A = the last layer's output y_L (the class maps), as
+            the authors; there dlogit_t/dy_L[..., c] = delta_ct / T, so the map
+            is ReLU(y_L[..., t] / T). `layer`=-2: the input of the last layer
+            (the successors' variant), -j: the output of layer L - j.
+  occ5/occ9 Occlusion with patches of size ks = 5/9 anchored every `stride`=2
+            pixels, occluded RGB set to 0: the attribution of a pixel is
+            sum over the masks m covering it of (logit(x) - logit(x * m)) / n(m),
+            n(m) the number of pixels m occludes. The authors' patch is
+            (ks - 1) x (ks - 1), rows [a - (ks-1)/2, a + (ks-1)/2) around the
+            anchor a, clipped at the border (the default); `exact_patch`=True
+            centres a ks x ks patch on the anchor. All classes come from one sweep.
+            (The authors assert H, W divisible by the stride and, for non-square
+            images, swap the anchor grids' extents; both agree on square images.)
+  rise      RISE (after eclique/RISE): `num_masks`=6000 binary s x s grids
+            (`s`=6) with cells on with probability `p`=0.1, bilinearly
+            upsampled to (s + 1) * ceil(H / s) as skimage's resize(order=1,
+            mode="reflect", anti_aliasing=False) does, then cropped to H x W at
+            a random shift in [0, ceil(H / s)); attribution =
+            sum_i sigmoid(logit(x * m_i)) m_i / (num_masks * p). The masks come
+            from jax.random with `seed`=42 (the authors' were unseeded numpy).
+  lime      LIME (lime.LimeImageExplainer): `num_samples`=256 perturbations of
+            quickshift superpixels (`kernel_size`=1, `max_dist`=200,
+            `ratio`=0.2), classifier = sigmoid(logits); the attribution is the
+            binary mask of the `num_features`=3 top positive superpixels
+            (get_image_and_mask(positive_only=True, hide_rest=True)); `seed`=42
+            seeds the sampling and quickshift. Needs `pip install codajax[lime]`.
+
+Speed: everything but LIME's superpixels and regressions is one jitted
+program. All targets of a batch share one forward (one VJP per target, vmapped);
+occlusion masks, RISE masks and integration steps go through the model `chunk`
+at a time per image (a scan over chunks, so memory stays bounded). Sharding
+follows the input: x placed over a mesh's 'data' axis runs data-parallel.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from codajax import config_lib
+from codajax import explain
+from codajax import models
+
+# The methods and their options with defaults (declared jax-free in
+# config_lib, where --config.evaluation.options.<method> sets them).
+OPTIONS = config_lib.ATTRIBUTION_OPTIONS
+METHODS = tuple(OPTIONS)
+QUADRATURES = ("gausslegendre", "riemann")
+
+
+def attribute(method: str, model: models.CoDANet, variables, x: jax.Array, classes,
+              **options) -> jax.Array:
+  """The attribution of `classes` (N, K) for images x (N, H, W, C): (N, K, H, W) float32.
+
+  See the module docstring for the methods and their options.
+  """
+  if method not in METHODS:
+    raise ValueError(f"attribute: unknown method {method!r}; choose one of {METHODS}.")
+  unknown = sorted(set(options) - set(OPTIONS[method]))
+  if unknown:
+    raise ValueError(f"attribute: method {method!r} has no option(s) {unknown}; its options "
+                     f"(with defaults) are {OPTIONS[method] or 'none'}.")
+  options = {**OPTIONS[method], **options}
+  _check_options(method, model, options)
+  models.check_input_shape(model, x.shape)
+  models.check_input_values(x)
+  classes = explain.target_classes(classes, x.shape[0], model.num_classes)
+  if method == "lime":
+    return _lime(model, variables, x, classes, **options)
+  method = "ixg" if method == "deeplift" else method  # One program for both.
+  return _attribute(method, model, tuple(sorted(options.items())), variables, x, classes)
+
+
+def _check_options(method, model, options) -> None:
+  if method == "intgrad" and options["quadrature"] not in QUADRATURES:
+    raise ValueError(f"attribute: quadrature must be one of {QUADRATURES}, got "
+                     f"{options['quadrature']!r}.")
+  if method == "gradcam" and not -model.num_layers <= options["layer"] <= -1:
+    raise ValueError(f"attribute: gradcam's layer must be in [-{model.num_layers}, -1] (-1: the "
+                     f"last layer's output, -2: its input), got {options['layer']}.")
+  for name in ("steps", "chunk", "stride", "num_masks", "s", "num_samples", "batch_size"):
+    if name in options and not int(options[name]) >= 1:
+      raise ValueError(f"attribute: option {name} must be >= 1, got {options[name]}.")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _attribute(method, model, options, variables, x, classes):
+  options = dict(options)
+  logits_fn = lambda x: model.apply(variables, x)
+  if method == "ours":
+    maps = explain.contribution_maps(model, variables, x, classes)
+  elif method == "grad":
+    maps = input_gradients(logits_fn, x, classes).sum(-1)
+  elif method == "ixg":
+    maps = (x[:, None] * input_gradients(logits_fn, x, classes)).sum(-1)
+  elif method == "intgrad":
+    maps = integrated_gradients(logits_fn, x, classes, **options)
+  elif method == "gradcam":
+    maps = gradcam(model, variables, x, classes, **options)
+  elif method in ("occ5", "occ9"):
+    maps = _select(occlusion(logits_fn, x, ks=int(method[3:]), **options), classes)
+  else:
+    maps = _select(rise(logits_fn, x, **options), classes)
+  return maps.astype(jnp.float32)
+
+
+def _select(maps, classes):
+  """(N, num_classes, H, W) -> (N, K, H, W) of the targets."""
+  return jnp.take_along_axis(maps, classes[:, :, None, None], axis=1)
+
+
+# ----------------------------------------------------------------------------
+# Gradients: one forward, one VJP per target (vmapped).
+
+
+def input_gradients(logits_fn, x, classes) -> jax.Array:
+  """d logits_fn(x)[n, classes[n, k]] / d x[n]: (N, K, H, W, C)."""
+  logits, vjp = jax.vjp(logits_fn, x)
+  onehot = jax.nn.one_hot(classes, logits.shape[-1], dtype=logits.dtype)  # (N, K, classes)
+  return jax.vmap(lambda g: vjp(g)[0], in_axes=1, out_axes=1)(onehot)
+
+
+def quadrature_rule(steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
+  """Nodes a_i in (0, 1] and weights w_i of captum's IntegratedGradients rules."""
+  if rule == "riemann":
+    return np.arange(1, steps + 1) / steps, np.full(steps, 1.0 / steps)
+  u, v = np.polynomial.legendre.leggauss(steps)
+  return 0.5 * (1.0 + u), 0.5 * v
+
+
+def integrated_gradients(logits_fn, x, classes, steps=20, quadrature="gausslegendre",
+                         chunk=4) -> jax.Array:
+  """x * sum_i w_i grad(a_i x), channels summed: (N, K, H, W); `chunk` steps per pass."""
+  alphas, weights = (jnp.asarray(a, jnp.float32) for a in quadrature_rule(steps, quadrature))
+
+  def chunk_sum(aw):
+    grads = jax.vmap(lambda a: input_gradients(logits_fn, a * x, classes))(aw[0])
+    return jnp.einsum("i,inkhwc->nkhwc", aw[1], grads)
+
+  return (x[:, None] * _sum_chunks(chunk_sum, (alphas, weights), chunk)).sum(-1)
+
+
+def _sum_chunks(fn, xs, chunk: int):
+  """sum_i f(xs[i]) as a scan over chunks, fn mapping a chunk of xs to its sum.
+
+  The last chunk is padded with zeros, which fn must map to zero.
+  """
+  m = jax.tree.leaves(xs)[0].shape[0]
+  chunk = min(int(chunk), m)
+  pad = -m % chunk
+  xs = jax.tree.map(lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+                    .reshape(-1, chunk, *a.shape[1:]), xs)
+  out = jax.eval_shape(fn, jax.tree.map(lambda a: a[0], xs))
+  total, _ = jax.lax.scan(lambda acc, c: (acc + fn(c), None),
+                          jnp.zeros(out.shape, out.dtype), xs)
+  return total
+
+
+# ----------------------------------------------------------------------------
+# GradCAM.
+
+
+def gradcam(model, variables, x, classes, layer=-1) -> jax.Array:
+  """ReLU(sum_c mean_hw(dlogit/dA_c) A_c) on the output of layer L + layer, upsampled."""
+  num_layers = model.num_layers
+  inputs, _ = model.apply(variables, x, method=models.CoDANet.layer_inputs)
+  start = num_layers + layer + 1      # The first layer applied to the features.
+  feats = (inputs[start] if start < num_layers
+           else _run_layers(model, variables, inputs[-1], num_layers - 1, pool=False))
+  grads = input_gradients(lambda a: _run_layers(model, variables, a, start), feats, classes)
+  weights = grads.mean(axis=(2, 3))                                   # (N, K, C)
+  cams = jax.nn.relu(jnp.einsum("nkc,nhwc->nkhw", weights, feats.astype(jnp.float32)))
+  return upsample_nearest(cams, x.shape[1:3])
+
+
+def _run_layers(model, variables, h, start: int, pool: bool = True):
+  """Layers start.. of the model from their input h, then the pool (logits) or not."""
+  def run(module, h):
+    for layer in module.layers[start:]:
+      h = layer(h)
+    return module.pool(h) if pool else h
+  return model.apply(variables, h, method=run)
+
+
+def upsample_nearest(maps, size) -> jax.Array:
+  """(..., h, w) -> (..., H, W) as torch's interpolate(mode="nearest"): src = floor(dst*h/H)."""
+  rows, cols = (np.minimum(np.floor(np.arange(o) * (i / o)).astype(int), i - 1)
+                for i, o in zip(maps.shape[-2:], size))
+  return maps[..., rows[:, None], cols[None, :]]
+
+
+# ----------------------------------------------------------------------------
+# Perturbations: occlusion and RISE, every class from one sweep.
+
+
+def occlusion(logits_fn, x, ks, stride=2, exact_patch=False, chunk=32) -> jax.Array:
+  """Occlusion attributions of every class: (N, num_classes, H, W).
+
+  Masks are products of a row interval and a column interval (anchors at
+  multiples of `stride`, clipped at the border); `chunk` masks per forward.
+  """
+  def intervals(size):
+    anchors = np.arange(0, size, stride)
+    half = (ks - 1) // 2
+    lo, hi = np.maximum(anchors - half, 0), np.minimum(anchors + half + int(exact_patch), size)
+    return (np.arange(size) >= lo[:, None]) & (np.arange(size) < hi[:, None])
+
+  rows, cols = intervals(x.shape[1]), intervals(x.shape[2])
+  ri, ci = np.divmod(np.arange(len(rows) * len(cols)), len(cols))
+  rows, cols = rows[ri].astype(np.float32), cols[ci].astype(np.float32)
+  inv_n = 1.0 / (rows.sum(1) * cols.sum(1))
+  base = logits_fn(x)
+
+  def chunk_sum(rci):
+    r, c, w = rci
+    keep = 1.0 - r[:, :, None] * c[:, None, :]                           # (M, H, W)
+    diff = base[:, None] - _masked_logits(logits_fn, x, keep)           # (N, M, classes)
+    return jnp.einsum("nmk,m,mh,mw->nkhw", diff, w, r, c)
+
+  return _sum_chunks(chunk_sum, (rows, cols, inv_n.astype(np.float32)), chunk)
+
+
+def _masked_logits(logits_fn, x, masks):
+  """logits_fn(x[n] * masks[m]) for all n, m: (N, M, classes)."""
+  n, m = x.shape[0], masks.shape[0]
+  masked = x[:, None] * masks[None, ..., None]
+  return logits_fn(masked.reshape(n * m, *x.shape[1:])).reshape(n, m, -1)
+
+
+def rise(logits_fn, x, num_masks=6000, s=6, p=0.1, seed=42, chunk=32) -> jax.Array:
+  """RISE saliency of every class: (N, num_classes, H, W); `chunk` masks per forward."""
+  h, w = x.shape[1:3]
+  cell = (math.ceil(h / s), math.ceil(w / s))
+  up_rows = jnp.asarray(resize_matrix(s, (s + 1) * cell[0]))
+  up_cols = jnp.asarray(resize_matrix(s, (s + 1) * cell[1]))
+  key_grid, key_shift = jax.random.split(jax.random.key(seed))
+  grids = (jax.random.uniform(key_grid, (num_masks, s, s)) < p).astype(jnp.float32)
+  shifts = jax.random.randint(key_shift, (num_masks, 2), 0, jnp.asarray(cell))
+
+  def mask(grid, shift):  # Upsample, then crop: rows of the resize matrices.
+    r = jax.lax.dynamic_slice_in_dim(up_rows, shift[0], h)
+    c = jax.lax.dynamic_slice_in_dim(up_cols, shift[1], w)
+    return r @ grid @ c.T
+
+  def chunk_sum(gs):
+    masks = jax.vmap(mask)(*gs)                                          # (M, H, W)
+    scores = jax.nn.sigmoid(_masked_logits(logits_fn, x, masks))
+    return jnp.einsum("nmk,mhw->nkhw", scores, masks)
+
+  return _sum_chunks(chunk_sum, (grids, shifts), chunk) / (num_masks * p)
+
+
+def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in): linear interpolation as skimage's resize(order=1, mode="reflect",
+  anti_aliasing=False) along one axis: pixel centres (o + 1/2) n_in / n_out - 1/2,
+  mirrored at the edges (scipy's "mirror")."""
+  c = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+  c = np.abs(c)
+  c = np.where(c > n_in - 1, 2 * (n_in - 1) - c, c)
+  lo = np.clip(np.floor(c).astype(int), 0, n_in - 1)
+  hi = np.minimum(lo + 1, n_in - 1)
+  frac = c - lo
+  m = np.zeros((n_out, n_in))
+  np.add.at(m, (np.arange(n_out), lo), 1.0 - frac)
+  np.add.at(m, (np.arange(n_out), hi), frac)
+  return m.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------
+# LIME: superpixels and regressions on the host, the classifier jitted.
+
+
+def _lime(model, variables, x, classes, num_samples, num_features, kernel_size, max_dist,
+          ratio, seed, batch_size) -> jax.Array:
+  try:
+    from lime import lime_image  # pylint: disable=g-import-not-at-top
+    from lime.wrappers.scikit_image import SegmentationAlgorithm  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("attribute: method 'lime' needs the lime and scikit-image packages: "
+                      "pip install 'codajax[lime]'.") from e
+  gray = x.shape[-1] == 1  # lime makes grey images RGB (quickshift needs RGB).
+
+  def classifier_fn(images):  # Padded to batch_size: one compile.
+    images = images[..., :1] if gray else images
+    n = len(images)
+    batch = np.zeros((batch_size, *images.shape[1:]), np.float32)
+    batch[:n] = images
+    return np.asarray(_probabilities(model, variables, batch))[:n].astype(np.float64)
+
+  maps = np.zeros((*classes.shape, *x.shape[1:3]), np.float32)
+  for n, (image, targets) in enumerate(zip(np.asarray(x, np.float64), np.asarray(classes))):
+    explainer = lime_image.LimeImageExplainer(random_state=seed, verbose=False)
+    segmenter = SegmentationAlgorithm("quickshift", kernel_size=kernel_size,
+                                      max_dist=max_dist, ratio=ratio, random_seed=seed)
+    explanation = explainer.explain_instance(
+        image[..., 0] if gray else image, classifier_fn, labels=range(model.num_classes), top_labels=None,
+        num_samples=num_samples, batch_size=batch_size, segmentation_fn=segmenter)
+    for k, t in enumerate(targets):
+      maps[n, k] = explanation.get_image_and_mask(
+          int(t), positive_only=True, num_features=num_features, hide_rest=True)[1]
+  return jnp.asarray(maps)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _probabilities(model, variables, x):
+  return jax.nn.sigmoid(model.apply(variables, x))
