@@ -111,9 +111,10 @@ def get_info(config) -> DatasetInfo:
                      num_stream)
 
 
-def _host_dataset(config, split: str, train: bool, shuffle_seed=None) -> tf.data.Dataset:
-  """This host's shard of a split as {"image": uint8, "label": int64}."""
-  index, count = _host()
+def _host_dataset(config, split: str, train: bool, shuffle_seed=None,
+                  whole: bool = False) -> tf.data.Dataset:
+  """This host's shard of a split (`whole`: all of it) as {"image": uint8, "label": int64}."""
+  index, count = (0, 1) if whole else _host()
   if config.dataset.startswith("tfds:"):
     builder = _tfds_builder(config)
     host_split = tfds.split_for_jax_process(split, process_index=index,
@@ -280,15 +281,21 @@ def eval_batches(config, info: DatasetInfo) -> Iterator[dict]:
   return _numpy(ds, config, train=False)
 
 
-def first_test_examples(config, info: DatasetInfo, n: int) -> tuple[np.ndarray, np.ndarray]:
-  """(images, labels) of this host's first `n` test examples, preprocessed for eval."""
-  images, labels = [], []
-  for batch in eval_batches(config, info):
-    images.append(batch["image"][batch["mask"] > 0])
-    labels.append(batch["label"][batch["mask"] > 0])
-    if sum(map(len, images)) >= n:
-      break
-  return np.concatenate(images)[:n], np.concatenate(labels)[:n]
+def first_test_examples(config, info: DatasetInfo,
+                        n: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+  """(images, labels) of the first `n` (None: all) test examples in the data
+  set's order, preprocessed for eval, the same on every host (not sharded)."""
+  del info  # The same signature as the other readers.
+  ds = _host_dataset(config, config.test_split, False, whole=True)
+  if config.class_subset:
+    ds = ds.filter(lambda ex: ex["label"] < config.class_subset)
+  ds = ds.take(-1 if n is None else n).map(lambda ex: (
+      preprocess(config, ex["image"], False, tf.zeros((2,), tf.int64)),
+      tf.cast(ex["label"], tf.int32)), num_parallel_calls=tf.data.AUTOTUNE)
+  batches = list(_numpy(ds.batch(1024), config, train=False))
+  if not batches:
+    raise DataError(f"config.dataset={config.dataset!r}: the test split is empty.")
+  return tuple(np.concatenate(parts) for parts in zip(*batches))
 
 
 def to_global(batch: dict, sharding) -> dict:

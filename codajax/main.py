@@ -3,6 +3,9 @@ r"""Command line: python -m codajax.main --config configs/X.py[:variant] --workd
   --mode=train    train and evaluate; an existing workdir resumes automatically
   --mode=eval     top-1 / top-5 of the latest (or an imported) checkpoint
   --mode=explain  contribution-map figures of the first test images
+  --mode=evaluate the interpretability evaluation (localisation, pixel removal)
+                  of the checkpoint's attributions and the baselines', into
+                  <workdir>/evaluation (config.evaluation; resumable)
 
 Any config field can be overridden: --config.batch_size=64. Set
 CODAJAX_DISTRIBUTED=1 (or --distributed) on multi-host TPU pods and SLURM GPU
@@ -29,7 +32,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and figures go.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "explain"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "explain", "evaluate"], "What to do.")
 flags.DEFINE_bool("distributed", os.environ.get("CODAJAX_DISTRIBUTED", "") == "1",
                   "Call jax.distributed.initialize() (multi-host).")
 flags.mark_flags_as_required(["config", "workdir"])

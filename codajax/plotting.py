@@ -155,3 +155,58 @@ def save(fig, path: str) -> str:
   fig.savefig(path, dpi=100, bbox_inches="tight")
   plt.close(fig)
   return path
+
+
+# ------------------------------------------------- interpretability evaluation
+# (--mode evaluate, codajax.interpretability)
+
+METHOD_LABELS = {"ours": "Ours", "grad": "Grad", "ixg": "IxG", "intgrad": "IntGrad",
+                 "deeplift": "DeepLIFT", "gradcam": "GradCAM", "occ5": "Occ5",
+                 "occ9": "Occ9", "rise": "RISE", "lime": "LIME"}
+
+
+def plot_localisation(scores: dict, path: str, n: int, **unused) -> str:
+  """Box plots of the localisation scores per method, sorted by mean, with the
+  Oracle (1) and Uniform (1/n^2) lines, as the authors' notebook (no fliers)."""
+  del unused
+  order = sorted(scores, key=lambda m: -np.nanmean(scores[m]))
+  fig, ax = plt.subplots(figsize=(1.1 * len(order) + 2, 3.5))
+  ax.boxplot([np.ravel(scores[m]) for m in order], showfliers=False, whis=1.5)
+  ax.set_xticks(range(1, len(order) + 1), [METHOD_LABELS.get(m, m) for m in order])
+  ax.axhline(1.0, color="g", ls="--", lw=1, label="Oracle")
+  ax.axhline(1.0 / n ** 2, color="r", ls="--", lw=1, label=f"Uniform (1/{n * n})")
+  ax.set_ylim(0, 1.05)
+  ax.set_ylabel(f"Localisation ({n}x{n} grids)")
+  ax.legend(loc="lower left", fontsize=8)
+  return save(fig, path)
+
+
+def plot_pixel_removal(curves: dict, path: str, fraction: float, **unused) -> str:
+  """The mean target-class probability against the % of pixels removed."""
+  del unused
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for m in sorted(curves, key=lambda m: -np.mean(curves[m])):
+    mean = np.asarray(curves[m]).mean(axis=0)
+    ax.plot(np.linspace(0, 100 * fraction, len(mean)), mean, label=METHOD_LABELS.get(m, m))
+  ax.set_xlabel("% of pixels removed")
+  ax.set_ylabel("Target class probability")
+  ax.legend(fontsize=8)
+  return save(fig, path)
+
+
+def plot_comparison(grids: np.ndarray, maps: dict, class_names, path: str) -> str:
+  """Per grid: the grid image, then every method's map for the class of its first
+  cell (top left), each on its own symmetric colour scale."""
+  methods = list(maps)
+  fig, axes = plt.subplots(len(grids), len(methods) + 1,
+                           figsize=(1.6 * (len(methods) + 1), 1.7 * len(grids)), squeeze=False)
+  for g, grid in enumerate(grids):
+    _show_image(axes[g, 0], grid)
+    axes[g, 0].set_title(f"target: {class_names[g][0]}", fontsize=8)
+    for j, m in enumerate(methods, 1):
+      target_map = np.asarray(maps[m][g, 0], np.float32)
+      _show_map(axes[g, j], target_map, float(map_limits(target_map)[0]),
+                METHOD_LABELS.get(m, m) if g == 0 else None)
+  for ax in axes.ravel():
+    ax.set_axis_off()
+  return save(fig, path)

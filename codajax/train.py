@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 from codajax import checkpoint
 from codajax import config_lib
 from codajax import input_pipeline
+from codajax import interpretability
 from codajax import models
 from codajax import plotting
 from codajax import steps
@@ -369,8 +370,21 @@ def explain_mode(run: Run) -> Result:
     run.close()
 
 
-# "eval_interpretability" (the localisation metrics) will join these.
-MODES = {"train": train_mode, "eval": eval_mode, "explain": explain_mode}
+def evaluate_mode(run: Run) -> Result:
+  """The interpretability evaluation of the restored parameters, into
+  <workdir>/evaluation/ (`codajax.interpretability`)."""
+  try:
+    _require_checkpoint(run, "evaluate")
+    result = interpretability.evaluate(
+        run.model, {"params": run.state.params}, run.config, run.info, run.start,
+        os.path.join(run.workdir, "evaluation"), run.batch_sharding)
+    return {"step": run.start, **result}
+  finally:
+    run.close()
+
+
+MODES = {"train": train_mode, "eval": eval_mode, "explain": explain_mode,
+         "evaluate": evaluate_mode}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,

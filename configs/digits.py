@@ -8,6 +8,12 @@ seeded split) are the test set.
 
 On 2 CPU cores this trains in about two minutes and reaches >= 95% test top-1,
 then writes contribution-map figures to workdirs/digits/explanations/.
+
+  python -m codajax.main --config configs/digits.py --workdir workdirs/digits \
+      --mode evaluate
+
+then runs a tiny interpretability evaluation (2x2 grids of 32x32, four
+methods; see codajax/interpretability.py) into workdirs/digits/evaluation/.
 """
 
 from codajax import config_lib
@@ -23,6 +29,8 @@ def get_config(arg=None):
       temperature=10.0)
   config_lib.schedule(c, batch_size=32, eval_batch_size=360, num_epochs=6.0,
                       learning_rate=2e-3, log_every_steps=45)
+  c.evaluation.update(methods=("ours", "ixg", "gradcam", "occ5"), grid_size=2, num_grids=16,
+                      num_images=32, num_comparison=2)
   if tiny:
     config_lib.tiny(c, num_steps=6, log_every_steps=2, eval_every_steps=3,
                     checkpoint_every_steps=3)
