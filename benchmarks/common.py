@@ -44,6 +44,10 @@ class Measurement:
   profile_steps: int = 3        # profile: traced steps.
   profile_top: int = 25         # profile: ops listed.
   trace_dir: str | None = None  # profile: None, a new temporary folder.
+  method: str | None = None     # evaluation: one of attribution.METHODS.
+  grid_n: int = 3               # evaluation: n x n grids of images of `size`.
+  eval_masks: int = 0           # evaluation: occlusion/RISE masks, LIME samples measured (0: defaults).
+  eval_steps: int = 0           # evaluation: intgrad steps measured (0: default).
 
   @property
   def size(self) -> int:
@@ -58,7 +62,8 @@ class Measurement:
 
   def label(self) -> str:
     impl = self.impl if self.impl == "materialized" else f"{self.impl}/{self.contraction}"
-    return f"{self.part} {self.model} batch {self.batch} {impl} {self.dtype}"
+    method = f" {self.method}" if self.method else ""
+    return f"{self.part}{method} {self.model} batch {self.batch} {impl} {self.dtype}"
 
 
 def build(m: Measurement):

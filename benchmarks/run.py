@@ -8,6 +8,7 @@ then the figures against their goals.
       --infer-batch 32 --explain-batch 8 --impl fused --dtype float32 bfloat16
   python -m benchmarks.run --parts train_step --impl fused --contraction conv dot
   python -m benchmarks.run --parts profile --train-batch 16   # where a step's time goes
+  python -m benchmarks.run --parts evaluation --reps 3 --budget-s 10   # attribution methods
 
 Parts (--parts; the first three by default):
   train_step     codajax.steps.train_step, jitted, state donated; with fused
@@ -18,8 +19,13 @@ Parts (--parts; the first three by default):
   ceiling        the FLOP/s ceiling alone (--train-batch)
   profile        a jax.profiler trace of training steps, summed per GPU kernel
                  or XLA:CPU op (--train-batch)
+  evaluation     attribution.attribute per method (--methods) on n x n grids of
+                 the preset's images (--grid-n, --grid-batch grids per call, all
+                 n*n targets), impl fused: grids/s and the 500-grid evaluation's
+                 time; the expensive methods measured with --eval-masks masks
+                 or samples and --eval-steps steps, scaled (0: the defaults)
 
-Each (part, batch, impl, contraction, dtype) is one measurement, run in a
+Each (part, batch, impl, contraction, dtype[, method]) is one measurement, run in a
 child process of its own (`--measurement`), so a peak-memory figure belongs to
 it alone. The materialised impl has no contraction and runs once. The suite
 fails (non-zero exit, after all measurements) if a child exits non-zero,
@@ -34,6 +40,9 @@ figures they compare:
   fused vs materialised training peak memory, batch 64       at most 1/3
   contributions for all classes vs the forward, same batch   at most 3x the time
   training FLOP/s vs the ceiling at the dominant layer       at least 0.5 (CPU), 0.4 (GPU)
+  "ours" for all n*n targets of a grid vs one forward of it   at most 3x the time
+  occlusion's masked forwards/s vs inference img/s (batch =
+    the occlusion chunk, same input size)                    at least 0.8x
 """
 
 import argparse
@@ -48,11 +57,12 @@ import threading
 import time
 
 from benchmarks import common
+from codajax import attribution
 from codajax import models
 
 # Each part is the module benchmarks.<part>, with a function run(Measurement)
 # that prints its JSON records. Only the child that runs it imports it.
-PARTS = ("train_step", "inference", "contributions", "ceiling", "profile")
+PARTS = ("train_step", "inference", "contributions", "ceiling", "profile", "evaluation")
 DEFAULT_PARTS = ("train_step", "inference", "contributions")
 
 # The goals (see the docstring). Speed and memory of the fused impl against the
@@ -63,6 +73,11 @@ MIN_TRAIN_SPEEDUP = 1.5
 MAX_TRAIN_MEMORY_RATIO = 1 / 3
 MAX_CONTRIBUTIONS_RATIO = 3.0
 MIN_FLOPS_FRACTION = {"cpu": 0.5, "gpu": 0.4}
+MAX_OURS_RATIO = 3.0          # evaluation: "ours" on a grid (all targets) vs its forward.
+MIN_OCCLUSION_RATIO = 0.8     # evaluation: occlusion's masked forwards/s vs inference img/s.
+# Summary targets whose goal is an upper bound (the others are lower bounds).
+UPPER_BOUNDS = ("train_peak_memory_fused_over_materialized", "contributions_time_over_forward",
+                "ours_grid_time_over_forward")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -99,6 +114,21 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--profile-top", type=int, default=25, help="profile: ops listed")
   p.add_argument("--trace-dir", default=None,
                  help="profile: where the trace stays (default: a new temporary folder)")
+  p.add_argument("--methods", nargs="+", default=list(attribution.METHODS),
+                 choices=attribution.METHODS,
+                 help="evaluation: the methods, one measurement each (lime is reported as "
+                      "skipped where it is not importable)")
+  p.add_argument("--grid-n", type=int, default=3,
+                 help="evaluation: n x n grids of the preset's images (CIFAR: 96x96)")
+  p.add_argument("--grid-batch", type=int, nargs="+", default=[1],
+                 help="evaluation: grids per attribute call")
+  p.add_argument("--eval-masks", type=int, default=16,
+                 help="evaluation: measure occlusion (the finest stride with at most this "
+                      "many masks), RISE (masks) and LIME (samples) with this much work and "
+                      "scale linearly to the defaults; 0: at the defaults")
+  p.add_argument("--eval-steps", type=int, default=2,
+                 help="evaluation: integrated gradients' steps measured, scaled to the "
+                      "default 20; 0: at the default")
   p.add_argument("--measurement", default=None, metavar="JSON",
                  help="run this one measurement (a common.Measurement as JSON) in this "
                       "process and nothing else: what each child runs; the suite prints "
@@ -115,22 +145,26 @@ def plan(args: argparse.Namespace) -> list[common.Measurement]:
   fused = ("fused", args.contraction[0])
   out = []
   for part in args.parts:
-    batches = {"inference": args.infer_batch,
-               "contributions": args.explain_batch}.get(part, args.train_batch)
-    part_variants = {"contributions": [fused], "ceiling": [("fused", "auto")]}.get(
-        part, variants)
+    batches = {"inference": args.infer_batch, "contributions": args.explain_batch,
+               "evaluation": args.grid_batch}.get(part, args.train_batch)
+    part_variants = {"contributions": [fused], "evaluation": [fused],
+                     "ceiling": [("fused", "auto")]}.get(part, variants)
     reps = max(args.reps, 5) if part == "contributions" else args.reps
+    methods = args.methods if part == "evaluation" else [None]
     for batch in batches:
       for impl, contraction in part_variants:
         for dtype in args.dtype:
-          out.append(common.Measurement(
-              part=part, model=args.model, batch=batch, impl=impl,
-              contraction=contraction, dtype=dtype, image_size=args.image_size,
-              remat=args.remat, reps=reps, budget_s=args.budget_s,
-              ceiling=impl != "materialized" if args.ceiling is None else args.ceiling,
-              ceiling_reps=args.ceiling_reps, num_classes=args.num_classes,
-              profile_steps=args.profile_steps, profile_top=args.profile_top,
-              trace_dir=args.trace_dir))
+          for method in methods:
+            out.append(common.Measurement(
+                part=part, model=args.model, batch=batch, impl=impl,
+                contraction=contraction, dtype=dtype, image_size=args.image_size,
+                remat=args.remat, reps=reps, budget_s=args.budget_s,
+                ceiling=impl != "materialized" if args.ceiling is None else args.ceiling,
+                ceiling_reps=args.ceiling_reps, num_classes=args.num_classes,
+                profile_steps=args.profile_steps, profile_top=args.profile_top,
+                trace_dir=args.trace_dir, method=method, grid_n=args.grid_n,
+                eval_masks=args.eval_masks if method else 0,
+                eval_steps=args.eval_steps if method else 0))
   return out
 
 
@@ -217,19 +251,49 @@ def summarise(records: list[dict]) -> list[dict]:
                     num_classes=r["num_classes"], value=r["ratio"],
                     threshold=MAX_CONTRIBUTIONS_RATIO,
                     met=r["ratio"] <= MAX_CONTRIBUTIONS_RATIO))
+  key = lambda r: dict(impl=r["impl"], contraction=r["contraction"], batch=r["batch"],
+                       dtype=r["dtype"])
+  for r in by("evaluation"):
+    if r["method"] == "ours" and r.get("ratio") is not None:
+      out.append(dict(target="ours_grid_time_over_forward", **key(r), value=r["ratio"],
+                      threshold=MAX_OURS_RATIO, met=r["ratio"] <= MAX_OURS_RATIO,
+                      targets=r["targets_per_grid"], input_shape=r["input_shape"],
+                      ours_s=r["measured_median_s"], forward_s=r["forward_median_s"]))
+    if r["method"] == "occ5" and r.get("ratio") is not None:
+      out.append(dict(target="occlusion_masked_forwards_over_inference", **key(r),
+                      value=r["ratio"], threshold=MIN_OCCLUSION_RATIO,
+                      met=r["ratio"] >= MIN_OCCLUSION_RATIO,
+                      masked_forwards_per_s=r["masked_forwards_per_s"],
+                      inference_img_per_s=r["inference_img_per_s"],
+                      inference_batch=r["inference_batch"], input_shape=r["input_shape"]))
   return [{"bench": "summary", **s} for s in out]
 
 
 def _print_summary(summary: list[dict]) -> None:
   for s in summary:
     value = "n/a" if s["value"] is None else f"{s['value']:.3f}"
-    bound = "<=" if "memory" in s["target"] or "contributions" in s["target"] else ">="
+    bound = "<=" if s["target"] in UPPER_BOUNDS else ">="
     verdict = {True: "met", False: "MISSED", None: "info"}[s["met"]]
     if s["value"] is None:
       verdict = "n/a"
     impl = s["impl"] if s["contraction"] is None else f"{s['impl']}/{s['contraction']}"
     print(f"# {s['target']:44s} {impl:12s} batch {s['batch']:4d} {s['dtype']:9s} "
           f"{value:>8s}  ({bound} {s['threshold']:.3f})  {verdict}", file=sys.stderr)
+
+
+def _print_evaluation(records: list[dict]) -> None:
+  """The evaluation's figures per method: grids/s and the 500-grid estimate."""
+  for r in records:
+    if r["bench"] != "evaluation":
+      continue
+    if r.get("skipped"):
+      print(f"# evaluation {r['method']:8s} skipped: {r['skipped']}", file=sys.stderr)
+      continue
+    scaled = (f"scaled x{r['scale']:g} from {r['options_measured']}" if r["scale"] != 1
+              else "at the defaults")
+    print(f"# evaluation {r['method']:8s} batch {r['batch']:3d} {r['grids_per_s']:10.4f} grids/s "
+          f"{r['grid_s']:9.3f} s/grid  {r['est_500_grids_s'] / 3600:8.3f} h for "
+          f"{r['num_grids_estimated']} grids  (median of {r['reps']}, {scaled})", file=sys.stderr)
 
 
 def main(argv=None) -> None:
@@ -257,6 +321,7 @@ def main(argv=None) -> None:
   print(f"# suite: {time.perf_counter() - t:.0f} s, {len(measurements)} measurements",
         file=sys.stderr)
   _print_summary(summary)
+  _print_evaluation(records)
   if failures:
     # The other measurements' records are out already; the failure must not
     # pass for a complete run.

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import pytest
 
 from benchmarks import common
+from benchmarks import evaluation
 from benchmarks import profile
 from benchmarks import run
 
@@ -91,6 +92,64 @@ def test_bad_flags_are_rejected_before_any_work(flags):
   with pytest.raises(SystemExit) as e:
     run.parse_args(flags)
   assert e.value.code == 2
+
+
+def test_evaluation_times_methods_on_grids_and_scales_the_expensive_ones():
+  # Tiny preset, 3x3 grids of 16x16 images: 48x48 inputs, 9 targets per grid.
+  proc = _run("--parts", "evaluation", "--methods", "ours", "occ5", "rise",
+              "--eval-masks", "4", "--budget-s", "1")
+  assert proc.returncode == 0, proc.stderr
+  records = _records(proc.stdout)
+  ev = {r["method"]: r for r in records if r["bench"] == "evaluation"}
+  assert sorted(ev) == ["occ5", "ours", "rise"]
+  for r in ev.values():
+    assert (r["model"], r["batch"], r["impl"], r["grid_n"]) == ("tiny", 1, "fused", 3)
+    assert r["input_shape"] == [1, 48, 48, 3]
+    assert r["targets_per_grid"] == 9
+    assert r["grids_per_s"] > 0
+    assert r["grid_s"] == pytest.approx(r["measured_median_s"] * r["scale"])
+    assert r["est_500_grids_s"] == pytest.approx(500 / r["grids_per_s"])
+  assert ev["ours"]["scale"] == 1 and ev["ours"]["reps"] >= 3
+  assert ev["ours"]["ratio"] == pytest.approx(
+      ev["ours"]["measured_median_s"] / ev["ours"]["forward_median_s"])
+  # Occlusion: stride 24 gives 2x2 masks (one chunk), scaled to stride 2's 24x24.
+  occ = ev["occ5"]
+  assert occ["options_measured"] == {"stride": 24, "chunk": 4}
+  assert (occ["masks_measured"], occ["masks_per_grid"], occ["scale"]) == (4, 576, 144)
+  assert occ["inference_batch"] == 4
+  assert occ["masked_forwards_per_s"] == pytest.approx(4 / occ["measured_median_s"])
+  assert occ["ratio"] == pytest.approx(occ["masked_forwards_per_s"] / occ["inference_img_per_s"])
+  assert (ev["rise"]["masks_per_grid"], ev["rise"]["scale"]) == (6000, 1500)
+  summary = {r["target"]: r for r in records if r["bench"] == "summary"}
+  assert summary["ours_grid_time_over_forward"]["threshold"] == run.MAX_OURS_RATIO
+  assert summary["ours_grid_time_over_forward"]["value"] == ev["ours"]["ratio"]
+  occ_goal = summary["occlusion_masked_forwards_over_inference"]
+  assert (occ_goal["value"], occ_goal["threshold"]) == (occ["ratio"], run.MIN_OCCLUSION_RATIO)
+  assert occ_goal["met"] == (occ["ratio"] >= 0.8)
+  assert "500 grids" in proc.stderr
+
+
+def test_evaluation_measures_the_defaults_or_scales_to_them():
+  # CIFAR grids, 96x96: occlusion at stride 2 has 48x48 masks.
+  assert evaluation.measured_options("occ5", 96, 0, 0) == ({"chunk": 32}, 1.0, 2304)
+  assert evaluation.measured_options("occ9", 96, 16, 0) == ({"stride": 24, "chunk": 16},
+                                                            144.0, 16)
+  assert evaluation.measured_options("occ5", 96, 40, 0)[0]["stride"] == 16  # 6x6 = 36 masks.
+  assert evaluation.measured_options("rise", 96, 0, 0) == ({}, 1.0, 6000)
+  assert evaluation.measured_options("lime", 96, 16, 0) == (
+      {"num_samples": 16, "batch_size": 16}, 16.0, 16)
+  assert evaluation.measured_options("intgrad", 96, 16, 2) == ({"steps": 2, "chunk": 2},
+                                                               10.0, None)
+  assert evaluation.measured_options("grad", 96, 16, 2) == ({}, 1.0, None)
+
+
+def test_plan_of_the_evaluation_is_one_fused_measurement_per_method():
+  args = run.parse_args(["--parts", "evaluation", "--methods", "ours", "occ5",
+                         "--eval-masks", "0"])
+  got = [(m.part, m.method, m.batch, m.impl, m.grid_n, m.eval_masks, m.eval_steps)
+         for m in run.plan(args)]
+  assert got == [("evaluation", "ours", 1, "fused", 3, 0, 2),
+                 ("evaluation", "occ5", 1, "fused", 3, 0, 2)]
 
 
 # ----------------------------------------------------------- a child process
