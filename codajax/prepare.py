@@ -26,8 +26,11 @@ def main(argv):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # Data preparation needs no accelerator.
   from codajax import input_pipeline  # pylint: disable=g-import-not-at-top
-  input_pipeline.prepare(FLAGS.config)
-  info = input_pipeline.get_info(FLAGS.config)
+  try:
+    input_pipeline.prepare(FLAGS.config)
+    info = input_pipeline.get_info(FLAGS.config)
+  except (input_pipeline.DataError, config_lib.ConfigError) as e:
+    raise SystemExit(config_lib.one_line(e)) from None  # One clear line.
   print(f"{FLAGS.config.dataset} is ready: {info.num_train} training and "
         f"{info.num_test} test examples, {info.num_classes} classes, "
         f"images {info.image_shape}.")

@@ -392,6 +392,16 @@ def test_an_undecodable_image_is_named_by_training_eval_and_prepare(tmp_path, da
         "or not a PNG/JPEG); replace or remove it.")
   with pytest.raises(input_pipeline.DataError, match=r"2 file\(s\) cannot be decoded"):
     input_pipeline.prepare(config)
+  if damage == "garbage":  # And python -m codajax.prepare prints it as one line.
+    env = dict(os.environ, XLA_FLAGS="", CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run(
+        [sys.executable, "-m", "codajax.prepare", "--config",
+         os.path.join(ROOT, "configs", "image_folder.py:tiny"), f"--config.data_dir={tmp_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.splitlines()[-1].startswith(
+        "codajax: DataError: image_folder: 2 file(s) cannot be decoded as images, e.g. ")
+    assert "Traceback" not in out.stderr
 
 
 def test_an_unknown_tfds_name_is_one_line_with_suggestions():
