@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = {"cifar10": cifar10, "digits": digits, "fashion_mnist": fashion_mnist,
          "image_folder": image_folder, "imagenet100": imagenet100}
 VARIANTS = {"cifar10": [None] + cifar10.VARIANTS, "digits": [None],
-            "fashion_mnist": [None, "tfds"], "image_folder": [None],
+            "fashion_mnist": [None, "tfds", "4L-T10", "4L-T1000"], "image_folder": [None],
             "imagenet100": [None, *imagenet100.VARIANTS]}
 ALL = [(name, v) for name, variants in VARIANTS.items() for v in variants]
 
