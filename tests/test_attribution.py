@@ -18,24 +18,9 @@ from codajax import attribution
 from codajax import dau
 from codajax import explain
 from codajax import models
+from test_explain import init  # Random variables with a non-zero b.
 
 N, H, K = 8, 8, 2
-
-
-def init(model, x_shape, seed=0):
-  """Random variables: lecun-normal A and B as in the model, and a non-zero b."""
-  shapes = jax.eval_shape(model.init, jax.random.key(0),
-                          jax.ShapeDtypeStruct(x_shape, jnp.float32))
-  rng = np.random.default_rng(seed)
-
-  def make(path, leaf):
-    if path[-1].key == "b":
-      value = 0.3 * rng.standard_normal(leaf.shape)
-    else:
-      value = rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-    return jnp.asarray(value, jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(make, shapes)
 
 
 def images(shape, seed=0, lo=0.0, hi=1.0):
