@@ -199,7 +199,7 @@ def _figures(out_dir, e, images, grids, names) -> list:
     if metric in e.metrics and stored:
       paths.append(draw(stored, os.path.join(out_dir, f"{metric}.png"), n=n,
                         fraction=e.fraction))
-  if comparison and e.num_comparison:
+  if comparison and e.num_comparison and grids is not None:  # Grids: localisation was run.
     k = min(e.num_comparison, *(len(v) for v in comparison.values()))
     paths.append(plotting.plot_comparison(
         evaluation.tile(images[grids.indices[:k]], n), {m: v[:k] for m, v in comparison.items()},

@@ -120,3 +120,16 @@ def test_too_few_confident_images_is_one_line(trained):
   with pytest.raises(config_lib.ConfigError, match=(
       r"config.evaluation.num_grids=10000: make_grids: .* grids of 2x2, not 10000")):
     train.train_and_evaluate(config, trained, mode="evaluate")
+
+
+def test_pixel_removal_alone_draws_only_its_figure(trained):
+  """Without localisation there are no grids: no comparison figure (it crashed
+  when an earlier run had stored comparison maps)."""
+  os.makedirs(os.path.join(trained, "evaluation", "localisation"), exist_ok=True)
+  np.save(os.path.join(trained, "evaluation", "localisation", "ours_maps.npy"),
+          np.zeros((2, 4, 32, 32), np.float32))
+  result = train.train_and_evaluate(digits_evaluation(metrics=("pixel_removal",),
+                                                      methods=("ours",)),
+                                    trained, mode="evaluate")
+  assert [os.path.basename(p) for p in result["figures"]] == ["pixel_removal.png"]
+  assert set(result) == {"step", "pixel_removal/ours", "figures"}
