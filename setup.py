@@ -28,10 +28,15 @@ setuptools.setup(
         "tensorflow-datasets>=4.9.10",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.6", "hypothesis>=6.100", "pyflakes>=3.2"],
+        # The notebooks run in the tests too (nbclient on the venv's ipykernel).
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "hypothesis>=6.100", "pyflakes>=3.2",
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         # Only to read the authors' .pkl/.pt checkpoints (codajax.convert).
         "torch": ["torch>=2.4"],
         # Only for the LIME baseline (codajax.attribution, method "lime").
         "lime": ["lime>=0.2.0.1", "scikit-image>=0.22"],
+        # Only to write and read explanation videos (codajax.video): GIF through
+        # Pillow, MP4 through the ffmpeg binary that imageio-ffmpeg ships.
+        "video": ["imageio>=2.34", "imageio-ffmpeg>=0.5"],
     },
 )

@@ -4,7 +4,9 @@
 # Extra arguments go to pytest, e.g. bash launch/test.sh -k explain
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh test,lime  # lime: the LIME baseline is tested too.
+# lime, torch, video: the LIME baseline, the pretrained-model conversion (CPU torch)
+# and the explanation videos are tested too.
+bash launch/setup.sh test,lime,torch,video
 # Unused imports and undefined or dead names fail the run before the tests do.
 .venv/bin/python -m pyflakes codajax configs benchmarks tests
 exec .venv/bin/python -m pytest tests -n 2 -q "$@"
