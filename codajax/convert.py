@@ -231,6 +231,41 @@ def check_forward(model: models.CoDANet, variables: Mapping[str, Any],
   return logits
 
 
+def torch_forward(state_dict: Mapping[str, Any], model: models.CoDANet, x,
+                  dtype: str = "float64") -> np.ndarray:
+  """The authors' forward pass, in torch, on their state dict: (N, K) logits.
+
+  The reference that imports are checked against, so it shares nothing with
+  codajax but the layer description (`model`'s kernels, strides, paddings,
+  norm, T and logit bias, which the checkpoint does not store). Written from
+  the authors' modules/DAUs.py, coda_conv.py, norms.py and utils.py. x is NHWC
+  in [0, 1] (numpy); the default float64 makes it the exact side of a
+  comparison. Needs torch.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch.nn import functional as F  # pylint: disable=g-import-not-at-top
+  dt = getattr(torch, dtype)
+  sd = {k.removeprefix(PREFIX): torch.as_tensor(to_numpy(v)).to(dt)
+        for k, v in state_dict.items()}
+  with torch.no_grad():
+    h = torch.as_tensor(np.asarray(x)).to(dt).permute(0, 3, 1, 2)
+    h = torch.cat([h, 1 - h], dim=1)                              # AddInverse.
+    for i, (c_out, k, s, p) in enumerate(zip(model.out_channels, model.kernel_sizes,
+                                             model.strides, model.paddings)):
+      # DAUWeights: w = conv1x1(conv_kxk(h; B); A, b), viewed (N, d, C_out, H', W').
+      z = F.conv2d(h, sd[torch_key(i, "B")], stride=s, padding=p)
+      w = F.conv2d(z, sd[torch_key(i, "A")], sd[torch_key(i, "b")])
+      w = w.view(w.shape[0], -1, int(c_out), *w.shape[-2:])
+      # The input patches, index c*k*k + ky*k + kx, broadcast over C_out.
+      cols = F.unfold(h, int(k), padding=p, stride=s).view(w.shape[0], -1, 1, *w.shape[-2:])
+      length = w.norm(dim=1)                                      # |w|, (N, C_out, H', W').
+      norm = (1 + length ** 2) / length if model.norm == "squash" else length
+      h = (cols * w).sum(dim=1) / norm                            # CoDAConv2d.
+    # AdaptiveSumPool2d, then FinalLayer: / T + logit bias.
+    logits = h.sum(dim=(2, 3)) / model.temperature + model.logit_bias
+  return logits.numpy()
+
+
 def convert_checkpoint(torch_checkpoint: str, config, workdir: str) -> str:
   """Reads, converts, checks and saves a checkpoint; returns where it was written."""
   model = models.from_config(config.model)

@@ -1,0 +1,383 @@
+"""Tests of codajax.pretrained with real torch and file:// URLs (no network).
+
+The "authors' file" is a torch.save'd state dict, in the authors' layout
+(with DataParallel's "module." prefix), of a randomly initialised 9L-S net,
+served under a real model name through `url=`. One module-wide first load
+fills a cache; tests that change a cache work on a copy of it.
+"""
+
+import hashlib
+import importlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.request
+from unittest import mock
+
+from absl import flags
+import chex
+import jax
+import numpy as np
+import pytest
+import torch
+
+from codajax import checkpoint
+from codajax import convert
+from codajax import models
+from codajax import pretrained
+from tests import test_convert
+
+NAME = "9L-S-CoDA-SQ-1000"
+# Copied from the authors' interpretability/utils.py (moboehle/CoDA-Nets).
+AUTHORS_MODEL_URLS = {
+    "Imagenet": {
+        "9L-L-CoDA-SQ-100000": ('https://nextcloud.mpi-klsb.mpg.de/index.php/s/pArrgmncXAAiH5R/download', 60)
+    },
+    "CIFAR10": {
+        "9L-S-CoDA-SQ-10": ('https://nextcloud.mpi-klsb.mpg.de/index.php/s/H8FgwMHJTTTYDJw/download', 200),
+        "9L-S-CoDA-SQ-50": ('https://nextcloud.mpi-klsb.mpg.de/index.php/s/SqPBioqmxEWbH9g/download', 200),
+        "9L-S-CoDA-SQ-100": ('https://nextcloud.mpi-klsb.mpg.de/index.php/s/yk7LajwLwpXXzf5/download', 200),
+        "9L-S-CoDA-SQ-500": ('https://nextcloud.mpi-klsb.mpg.de/index.php/s/zfeYMASLtKNGgsQ/download', 200),
+        "9L-S-CoDA-SQ-1000": ('https://nextcloud.mpi-klsb.mpg.de/index.php/s/8ykMc8XLQMtCxHo/download', 200),
+        "9L-S-CoDA-SQ-5000": ('https://nextcloud.mpi-klsb.mpg.de/index.php/s/6iY992FYEsfHkeA/download', 200),
+    }
+}
+FILE = "model_epoch_200.pkl"
+
+
+def random_variables(model, seed=0):
+  """Random parameters of `model` (b not zero, so that it matters)."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+  rng = np.random.default_rng(seed)
+
+  def draw(s):
+    fan_in = np.prod(s.shape[:-1]) if len(s.shape) > 1 else 400.0
+    return (rng.normal(size=s.shape) / np.sqrt(fan_in)).astype(np.float32)
+  return jax.tree.map(draw, shapes)
+
+
+def write_authors_file(path, variables):
+  sd = {f"module.{k}": torch.from_numpy(v)
+        for k, v in convert.to_torch_state_dict(variables).items()}
+  torch.save(sd, path)
+  return sd
+
+
+def file_url(path):
+  return "file://" + os.path.abspath(path)
+
+
+def sha256(path):
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def listing(directory):
+  """Every file under `directory` outside the converted checkpoint, relative."""
+  out = []
+  for root, _, files in os.walk(directory):
+    rel = os.path.relpath(root, directory)
+    if rel.split(os.sep)[:2] != [NAME, pretrained.CONVERTED]:
+      out += [os.path.normpath(os.path.join(rel, f)) for f in files]
+  return sorted(out)
+
+
+@pytest.fixture(scope="module")
+def authors(tmp_path_factory):
+  """(path, state dict, expected params) of the served file."""
+  model = authors_model()
+  variables = random_variables(model)
+  path = str(tmp_path_factory.mktemp("served") / "download")
+  sd = write_authors_file(path, variables)
+  return path, sd, convert.from_torch_state_dict(model, sd)["params"]
+
+
+@pytest.fixture(scope="module")
+def first_load(authors, tmp_path_factory):
+  """The cache after one first load, and that load's (model, variables)."""
+  cache = str(tmp_path_factory.mktemp("cache"))
+  return cache, pretrained.load(NAME, cache_dir=cache, url=file_url(authors[0]))
+
+
+@pytest.fixture
+def cache_copy(first_load, tmp_path):
+  copy = str(tmp_path / "cache")
+  shutil.copytree(first_load[0], copy)
+  return copy
+
+
+def authors_model():
+  return models.from_config(pretrained.model_config(NAME))
+
+
+def no_network(*args, **kwargs):
+  raise AssertionError(f"unexpected download: {args}")
+
+
+class TestTable:
+
+  def test_urls_and_epochs_are_the_authors(self):
+    ours = {m.name: (m.url, m.epoch) for m in pretrained.MODELS.values()}
+    assert ours == {**AUTHORS_MODEL_URLS["Imagenet"], **AUTHORS_MODEL_URLS["CIFAR10"]}
+
+  def test_fields(self):
+    for m in pretrained.MODELS.values():
+      assert m.temperature == float(m.name.rsplit("-", 1)[1])
+      assert m.norm == "squash" and m.filename == f"model_epoch_{m.epoch}.pkl"
+      want = (("cifar10", "9L-S", 32) if m.name.startswith("9L-S-") else
+              ("imagenet100", "9L-L", 240))
+      assert (m.dataset, m.architecture, m.image_size) == want
+
+  @pytest.mark.parametrize("name", list(pretrained.MODELS))
+  def test_config_is_the_named_config(self, name):
+    # codajax.pretrained cannot import configs/ (not installed); its own
+    # configs must be those that codajax.main gets from the printed spec.
+    entry = pretrained.MODELS[name]
+    path, variant = entry.config.split(":")
+    config = importlib.import_module(path.removesuffix(".py").replace("/", ".")).get_config(
+        variant)
+    assert pretrained.model_config(name).to_dict() == config.model.to_dict()
+    assert entry.image_size == config.image_size
+    assert config.dataset.endswith({"cifar10": "cifar10", "imagenet100": "imagenet2012"}[
+        entry.dataset])
+
+  def test_torch_forward_matches_numpy_reference(self):
+    # The torch reference of the import check against test_convert's float64
+    # numpy forward (two independent transcriptions of the authors' code).
+    for norm in ("squash", "l2"):
+      sd = test_convert.random_state_dict(prefix="module.")
+      model = test_convert.make_model(norm)
+      x = np.random.default_rng(1).uniform(size=(2, 9, 7, 3)).astype(np.float32)
+      want = test_convert.reference_logits(sd, x, norm, model.temperature, model.logit_bias)
+      np.testing.assert_allclose(convert.torch_forward(sd, model, x), want, rtol=1e-12)
+
+
+class TestLoad:
+
+  def test_first_load_downloads_records_and_converts(self, authors, first_load):
+    path, _, expected = authors
+    cache, (model, variables) = first_load
+    assert model == models.from_config(pretrained.model_config(NAME))
+    assert model.temperature == 1000.0
+    chex.assert_trees_all_equal(jax.device_get(variables["params"]), expected)
+    assert listing(cache) == [f"{NAME}/{FILE}", f"{NAME}/sha256"]  # No temporary files.
+    with open(os.path.join(cache, NAME, FILE), "rb") as f, open(path, "rb") as g:
+      assert f.read() == g.read()
+    with open(os.path.join(cache, NAME, "sha256")) as f:
+      assert f.read() == f"{sha256(path)}  {FILE}\n"
+
+  def test_later_load_needs_neither_torch_nor_the_file(self, authors, cache_copy):
+    os.remove(os.path.join(cache_copy, NAME, FILE))
+    with mock.patch.dict(sys.modules, {"torch": None}), \
+        mock.patch.object(urllib.request, "urlopen", no_network):
+      _, variables = pretrained.load(NAME, cache_dir=cache_copy)
+    chex.assert_trees_all_equal(jax.device_get(variables["params"]), authors[2])
+
+  def test_cache_dir_defaults_to_the_environment(self, first_load, monkeypatch):
+    monkeypatch.setenv(pretrained.CACHE_ENV, first_load[0])
+    assert pretrained.cache_root() == first_load[0]
+    monkeypatch.delenv(pretrained.CACHE_ENV)
+    assert pretrained.cache_root() == os.path.expanduser("~/.cache/codajax")
+
+  def test_converted_again_from_the_cached_file_offline(self, authors, cache_copy):
+    shutil.rmtree(os.path.join(cache_copy, NAME, pretrained.CONVERTED))
+    with mock.patch.object(urllib.request, "urlopen", no_network):
+      _, variables = pretrained.load(NAME, cache_dir=cache_copy, url="http://unused.invalid/")
+    chex.assert_trees_all_equal(jax.device_get(variables["params"]), authors[2])
+
+  def test_wrong_conversion_is_caught_and_not_cached(self, authors, tmp_path):
+    # A plausible bug: A kept in torch's channel order (j*C_out + o).
+    real = convert.from_torch_state_dict
+
+    def unpermuted(model, sd):
+      variables = real(model, sd)
+      for i in range(model.num_layers):
+        layer = variables["params"][f"layer_{i}"]
+        layer["A"] = np.ascontiguousarray(convert.to_numpy(
+            sd[f"module.{convert.torch_key(i, 'A')}"])[:, :, 0, 0].T)
+      return variables
+
+    cache = str(tmp_path / "cache")
+    with mock.patch.object(pretrained.convert, "from_torch_state_dict", unpermuted):
+      with pytest.raises(pretrained.PretrainedError,
+                         match=f"^{NAME}: the converted model does not match the authors' "
+                         "torch forward"):
+        pretrained.load(NAME, cache_dir=cache, url=file_url(authors[0]))
+    assert not os.path.exists(os.path.join(cache, NAME, pretrained.CONVERTED))
+
+
+class TestFailures:
+
+  def test_later_download_with_another_hash_is_refused(self, authors, cache_copy, tmp_path):
+    shutil.rmtree(os.path.join(cache_copy, NAME, pretrained.CONVERTED))
+    os.remove(os.path.join(cache_copy, NAME, FILE))
+    other = str(tmp_path / "other.pkl")
+    write_authors_file(other, random_variables(authors_model(), seed=1))
+    with pytest.raises(pretrained.PretrainedError) as e:
+      pretrained.load(NAME, cache_dir=cache_copy, url=file_url(other))
+    msg = str(e.value)
+    assert msg.startswith(f"{NAME}: the downloaded file has sha256 {sha256(other)}, not the "
+                          f"{sha256(authors[0])} recorded at its first download")
+    assert f"delete {os.path.join(cache_copy, NAME, 'sha256')}" in msg
+    assert listing(cache_copy) == [f"{NAME}/sha256"]  # The new file was not kept.
+
+  def test_changed_cached_file_is_refused(self, cache_copy):
+    shutil.rmtree(os.path.join(cache_copy, NAME, pretrained.CONVERTED))
+    with open(os.path.join(cache_copy, NAME, FILE), "ab") as f:
+      f.write(b"\0")
+    with pytest.raises(pretrained.PretrainedError,
+                       match=f"^{NAME}: the cached .* was changed or damaged. Delete it"):
+      pretrained.load(NAME, cache_dir=cache_copy)
+
+  @pytest.mark.parametrize("error", [ConnectionResetError("reset by peer"), KeyboardInterrupt()])
+  def test_interrupted_download_leaves_no_file(self, authors, tmp_path, error):
+    real_urlopen = urllib.request.urlopen
+
+    def failing_urlopen(*args, **kwargs):
+      response = real_urlopen(*args, **kwargs)
+      read, calls = response.read, []
+
+      def read_then_fail(n):
+        calls.append(n)
+        if len(calls) > 2:
+          raise error
+        return read(n)
+      response.read = read_then_fail
+      return response
+
+    cache = str(tmp_path / "cache")
+    with mock.patch.object(urllib.request, "urlopen", failing_urlopen):
+      with pytest.raises(type(error) if isinstance(error, KeyboardInterrupt)
+                         else pretrained.PretrainedError) as e:
+        pretrained.load(NAME, cache_dir=cache, url=file_url(authors[0]), progress=False)
+    if not isinstance(error, KeyboardInterrupt):
+      assert str(e.value).startswith(
+          f"{NAME}: the download from {file_url(authors[0])} stopped after "
+          f"{2 * pretrained.CHUNK} bytes (reset by peer); nothing was kept. Run again")
+    assert listing(cache) == []
+
+  def test_short_download_leaves_no_file(self, authors, tmp_path):
+    real_urlopen = urllib.request.urlopen
+
+    def short_urlopen(*args, **kwargs):
+      # A server that closes the connection early without an error.
+      response = real_urlopen(*args, **kwargs)
+      read, calls = response.read, []
+
+      def read_short(n):
+        calls.append(n)
+        return read(1000) if len(calls) == 1 else b""
+      response.read = read_short
+      return response
+
+    cache = str(tmp_path / "cache")
+    with mock.patch.object(urllib.request, "urlopen", short_urlopen):
+      with pytest.raises(pretrained.PretrainedError, match=r"ended after 1000 of \d+ bytes; "
+                         "nothing was kept"):
+        pretrained.load(NAME, cache_dir=cache, url=file_url(authors[0]))
+    assert listing(cache) == []
+
+  @pytest.mark.parametrize("where", ["missing_file", "closed_port"])
+  def test_offline_names_the_model_and_the_fix(self, tmp_path, where):
+    if where == "missing_file":
+      url = file_url(tmp_path / "no" / "such.pkl")
+    else:
+      with socket.socket() as s:  # A port nothing listens on.
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/model.pkl"
+    cache = str(tmp_path / "cache")
+    with pytest.raises(pretrained.PretrainedError) as e:
+      pretrained.load(NAME, cache_dir=cache, url=url)
+    msg = str(e.value)
+    assert msg.startswith(f"{NAME}: cannot download {url} (")
+    assert f"download the file by hand to {os.path.join(cache, NAME, FILE)}" in msg
+    assert "\n" not in msg
+    assert listing(cache) == []
+
+  @pytest.mark.parametrize("served", ["html", "other_net"])
+  def test_file_that_is_not_the_net_is_refused(self, tmp_path, served):
+    path = str(tmp_path / "served")
+    if served == "html":  # What a file host answers when a share has gone.
+      with open(path, "w") as f:
+        f.write("<html><body>This share does not exist.</body></html>")
+      match = f"^{NAME}: .* is not a PyTorch state dict .* Delete .* and run again"
+    else:
+      torch.save({k: torch.from_numpy(v) for k, v in test_convert.random_state_dict().items()},
+                 path)
+      match = (f"^{NAME}: .* does not fit the 9L-S architecture \\(The PyTorch state dict "
+               "does not fit the model \\(\\d+ problem\\(s\\)\\): - missing key")
+    with pytest.raises(pretrained.PretrainedError, match=match):
+      pretrained.load(NAME, cache_dir=str(tmp_path / "cache"), url=file_url(path))
+
+  def test_unknown_name_suggests_close_ones(self):
+    with pytest.raises(pretrained.PretrainedError) as e:
+      pretrained.load("9L-S-CoDA-SQ-100O")
+    msg = str(e.value)
+    assert msg.startswith("Unknown pretrained model '9L-S-CoDA-SQ-100O'. Did you mean ")
+    assert "'9L-S-CoDA-SQ-1000'" in msg.split("?")[0]
+    assert all(name in msg for name in pretrained.MODELS)
+    with pytest.raises(pretrained.PretrainedError, match=r"'resnet50'\. The authors released"):
+      pretrained.model_config("resnet50")
+
+  def test_torch_missing_names_the_install_and_downloads_nothing(self, authors, tmp_path):
+    cache = str(tmp_path / "cache")
+    with mock.patch.dict(sys.modules, {"torch": None}), \
+        mock.patch.object(urllib.request, "urlopen", no_network):
+      with pytest.raises(pretrained.PretrainedError,
+                         match=rf"^{NAME}: .*needs torch.*`pip install codajax\[torch\]`"):
+        pretrained.load(NAME, cache_dir=cache, url=file_url(authors[0]))
+    assert listing(cache) == []
+
+
+class TestWorkdir:
+
+  def test_to_workdir_restores_to_the_same_params(self, authors, first_load, tmp_path):
+    workdir = str(tmp_path / "workdir")
+    with mock.patch.object(urllib.request, "urlopen", no_network):
+      assert pretrained.to_workdir(NAME, workdir, cache_dir=first_load[0]) == workdir
+    # As codajax.train restores it (eval, explain and evaluate modes).
+    mngr = checkpoint.manager(workdir, asynchronous=False)
+    abstract = checkpoint.abstract(first_load[1][1]["params"])
+    step, params, opt_state, meta = checkpoint.restore(mngr, abstract)
+    mngr.close()
+    assert (step, opt_state) == (0, None)
+    chex.assert_trees_all_equal(jax.device_get(params), authors[2])
+    assert meta["imported"] and meta["pretrained"] == NAME
+    assert meta["sha256"] == sha256(authors[0])
+    assert meta["config"] == "configs/cifar10.py:9L-S-CoDA-SQ-1000"
+    with pytest.raises(pretrained.PretrainedError, match=f"^{NAME}: .*already holds "
+                       "checkpoints"):
+      pretrained.to_workdir(NAME, workdir, cache_dir=first_load[0])
+
+
+class TestCommandLine:
+
+  def _flags(self, workdir, cache_dir):
+    fv = flags.FlagValues()
+    pretrained.define_flags(fv)
+    fv(["pretrained", f"--workdir={workdir}", f"--cache_dir={cache_dir}"])
+    return fv
+
+  def test_prints_where_and_the_next_command(self, first_load, tmp_path, capsys):
+    workdir = str(tmp_path / "w")
+    pretrained.main(["pretrained", NAME], flag_values=self._flags(workdir, first_load[0]))
+    out = capsys.readouterr().out
+    assert f"Wrote the authors' {NAME} to {workdir}." in out
+    assert (f"python -m codajax.main --config configs/cifar10.py:{NAME} --workdir {workdir} "
+            "--mode eval\n") in out
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "0"))
+
+  def test_failure_is_one_line_and_exit_status_1(self, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "codajax.pretrained", "9L-L-CoDA-SQ-10000",
+         f"--workdir={tmp_path / 'w'}", f"--cache_dir={tmp_path / 'c'}"],
+        capture_output=True, text=True, timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        "codajax.pretrained: Unknown pretrained model '9L-L-CoDA-SQ-10000'. Did you mean "
+        "'9L-L-CoDA-SQ-100000'")
+    assert result.stderr.count("\n") == 1 and result.stdout == ""
+    assert not os.path.exists(tmp_path / "w") and not os.path.exists(tmp_path / "c")
