@@ -268,11 +268,14 @@ def write_figures(run: Run, params) -> list:
 # ------------------------------------------------------------------ modes
 
 
-def train_mode(run: Run, stops: Sequence[str] = ()) -> Result:
+def train_mode(run: Run, stops: Sequence[str] = (),
+               on_step: Optional[Callable[[int, int], None]] = None) -> Result:
   """Trains from the restored step to num_steps, evaluating and checkpointing.
 
   `stops`: filled with a signal's name when one asks the run to stop (see
   `_stop_requests`); the run then saves the step it is at and returns.
+  `on_step(step, num_steps)`: called after every step and once at the
+  restored step, e.g. by a notebook's progress bar.
   """
   config, num_steps, per_epoch, batches = run.config, run.num_steps, run.steps_per_epoch, None
   try:
@@ -288,6 +291,8 @@ def train_mode(run: Run, stops: Sequence[str] = ()) -> Result:
     batches = input_pipeline.train_batches(config, run.info, run.start)
     state, metrics, eval_metrics, pending = run.state, [], {}, None
     t_log = time.time()
+    if on_step is not None:
+      on_step(run.start, num_steps)
     for step in range(run.start + 1, num_steps + 1):
       batch = input_pipeline.to_global(next(batches), run.batch_sharding)
       state, m = run.train_step_fn(state, batch)
@@ -300,6 +305,8 @@ def train_mode(run: Run, stops: Sequence[str] = ()) -> Result:
       pending = (step, m["train/loss"])
       metrics.append(m)
       report(step, time.time())
+      if on_step is not None:
+        on_step(step, num_steps)
       if step % config.log_every_steps == 0 or step == num_steps:
         means = jax.tree.map(lambda *x: float(np.mean(x)), *jax.device_get(metrics))
         means["train/steps_per_sec"] = len(metrics) / max(time.time() - t_log, 1e-9)
@@ -388,8 +395,12 @@ MODES = {"train": train_mode, "eval": eval_mode, "explain": explain_mode,
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       mode: str = "train") -> Result:
-  """Runs `mode` ("train", "eval" or "explain") on `workdir`; see `Result`.
+                       mode: str = "train", *,
+                       on_step: Optional[Callable[[int, int], None]] = None) -> Result:
+  """Runs `mode` ("train", "eval", "explain" or "evaluate") on `workdir`; see `Result`.
+
+  `on_step(step, num_steps)`, training only: called at the restored step and
+  after every step (a notebook's progress bar).
 
   A training workdir resumes from its latest checkpoint; "eval" and
   "explain" need one (trained, or imported by codajax.convert).
@@ -398,7 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}.")
   if mode == "train":
     with _stop_requests() as stops:
-      return train_mode(setup(config, workdir, mode), stops)
+      return train_mode(setup(config, workdir, mode), stops, on_step)
   return MODES[mode](setup(config, workdir, mode))
 
 

@@ -226,7 +226,10 @@ def test_digits_trains_writes_figures_and_guards_its_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   config = digits(num_steps=4, eval_every_steps=2, checkpoint_every_steps=2,
                   explain_at_end=True)
-  result = train.train_and_evaluate(config, workdir)
+  progress = []  # The notebooks' progress bar hook.
+  result = train.train_and_evaluate(config, workdir,
+                                    on_step=lambda *a: progress.append(a))
+  assert progress == [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4)]
   assert result["eval/count"] == DIGITS_TEST
   assert checkpoint_steps(workdir) == [2, 4]
   assert [r["step"] for r in records(workdir) if "eval/top1" in r] == [2, 4]
