@@ -60,6 +60,7 @@ follows the input: x placed over a mesh's 'data' axis runs data-parallel.
 
 import functools
 import math
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -320,9 +321,13 @@ def _lime(model, variables, x, classes, num_samples, num_features, kernel_size, 
     explainer = lime_image.LimeImageExplainer(random_state=seed, verbose=False)
     segmenter = SegmentationAlgorithm("quickshift", kernel_size=kernel_size,
                                       max_dist=max_dist, ratio=ratio, random_seed=seed)
-    explanation = explainer.explain_instance(
-        image[..., 0] if gray else image, classifier_fn, labels=range(model.num_classes), top_labels=None,
-        num_samples=num_samples, batch_size=batch_size, segmentation_fn=segmenter)
+    # lime 0.2 draws a tqdm bar per image, which would flood --mode evaluate's
+    # log (one bar per grid and image); its progress is reported there already.
+    with mock.patch.object(lime_image, "tqdm", lambda rows: rows):
+      explanation = explainer.explain_instance(
+          image[..., 0] if gray else image, classifier_fn, labels=range(model.num_classes),
+          top_labels=None, num_samples=num_samples, batch_size=batch_size,
+          segmentation_fn=segmenter)
     for k, t in enumerate(targets):
       maps[n, k] = explanation.get_image_and_mask(
           int(t), positive_only=True, num_features=num_features, hide_rest=True)[1]

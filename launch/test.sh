@@ -9,4 +9,5 @@ cd "$(dirname "$0")/.."
 bash launch/setup.sh test,lime,torch,video
 # Unused imports and undefined or dead names fail the run before the tests do.
 .venv/bin/python -m pyflakes codajax configs benchmarks tests
-exec .venv/bin/python -m pytest tests -n 2 -q "$@"
+# -rs: why a test skipped; --durations: the slowest tests by name (the notebooks among them).
+exec .venv/bin/python -m pytest tests -n 2 -q -rs --durations=15 "$@"
