@@ -274,6 +274,30 @@ def test_unprepared_tfds_data_fails_fast_naming_the_prepare_command(tmp_path):
     train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
+def test_a_pretrained_workdir_is_evaluated_and_explained_with_its_config(tmp_path):
+  """`python -m codajax.pretrained NAME --workdir W` makes a workdir that
+  --mode eval and --mode explain take with the config MODELS[NAME].config."""
+  import torch  # pylint: disable=g-import-not-at-top  # CI installs it (launch/test.sh).
+  from codajax import convert, pretrained  # pylint: disable=g-import-not-at-top
+  name = "9L-S-CoDA-SQ-1000"
+  assert pretrained.MODELS[name].config == f"configs/cifar10.py:{name}"
+  config = cifar10_config.get_config(name)  # Not ",tiny": that swaps the net.
+  model = models.from_config(config.model)
+  variables = model.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
+  path = tmp_path / f"{name}.pt"
+  torch.save({k: torch.from_numpy(v) for k, v in
+              convert.to_torch_state_dict(jax.device_get(variables)).items()}, path)
+  workdir = pretrained.to_workdir(name, str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
+                                  url=path.as_uri())
+  config.update(eval_batch_size=16, num_steps=1)
+  with mock_tfds("cifar10", 20, tmp_path / "metadata"):
+    evaluated = train.train_and_evaluate(config, workdir, mode="eval")
+    explained = train.train_and_evaluate(config, workdir, mode="explain")
+  assert evaluated["step"] == 0 and evaluated["eval/count"] == 20
+  assert sorted(map(os.path.basename, explained["figures"])) == [
+      "contribution_maps.png", "linear_maps.png"]
+
+
 def test_imported_weights_are_evaluated_and_fine_tuned(tmp_path):
   """A checkpoint written like codajax.convert's (step 0, no optimizer state)."""
   workdir = str(tmp_path)
