@@ -51,6 +51,12 @@ explanation_methods):
             (get_image_and_mask(positive_only=True, hide_rest=True)); `seed`=42
             seeds the sampling and quickshift. Needs `pip install codajax[lime]`.
 
+Method names are matched case-insensitively (`canonical_method`: "GradCAM"
+is "gradcam"). A class out of [0, num_classes) is a ValueError where the
+classes are known; under jax.jit, where they are not, it is clamped and its
+map is all NaN, for every method (never zeros, nor another class's map). LIME
+runs on the host and is not traceable.
+
 Speed: everything but LIME's superpixels and regressions is one jitted
 program. All targets of a batch share one forward (one VJP per target, vmapped);
 occlusion masks, RISE masks and integration steps go through the model `chunk`
@@ -58,6 +64,7 @@ at a time per image (a scan over chunks, so memory stays bounded). Sharding
 follows the input: x placed over a mesh's 'data' axis runs data-parallel.
 """
 
+import difflib
 import functools
 import math
 from unittest import mock
@@ -77,14 +84,29 @@ METHODS = tuple(OPTIONS)
 QUADRATURES = ("gausslegendre", "riemann")
 
 
+def canonical_method(name: str) -> str:
+  """The method `name` as in METHODS, matched case-insensitively ("GradCAM":
+  "gradcam"); a ValueError naming the closest spellings otherwise."""
+  by_lower = {m.lower(): m for m in METHODS}
+  if isinstance(name, str) and name.lower() in by_lower:
+    return by_lower[name.lower()]
+  close = difflib.get_close_matches(str(name).lower(), METHODS, n=2, cutoff=0.6)
+  hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+  raise ValueError(f"unknown method {name!r}{hint}; choose one of {METHODS}.")
+
+
 def attribute(method: str, model: models.CoDANet, variables, x: jax.Array, classes,
               **options) -> jax.Array:
   """The attribution of `classes` (N, K) for images x (N, H, W, C): (N, K, H, W) float32.
 
-  See the module docstring for the methods and their options.
+  See the module docstring for the methods and their options. `method` is
+  matched case-insensitively. Classes out of [0, num_classes) raise a
+  ValueError outside jit; under jit their maps are NaN.
   """
-  if method not in METHODS:
-    raise ValueError(f"attribute: unknown method {method!r}; choose one of {METHODS}.")
+  try:
+    method = canonical_method(method)
+  except ValueError as e:
+    raise ValueError(f"attribute: {e}") from None
   unknown = sorted(set(options) - set(OPTIONS[method]))
   if unknown:
     raise ValueError(f"attribute: method {method!r} has no option(s) {unknown}; its options "
@@ -95,6 +117,9 @@ def attribute(method: str, model: models.CoDANet, variables, x: jax.Array, class
   models.check_input_values(x)
   classes = explain.target_classes(classes, x.shape[0], model.num_classes)
   if method == "lime":
+    if models.concrete_values(x) is None or models.concrete_values(classes) is None:
+      raise ValueError("attribute: method 'lime' runs on the host (superpixels, "
+                       "regressions) and cannot be traced: call it outside jax.jit.")
     return _lime(model, variables, x, classes, **options)
   method = "ixg" if method == "deeplift" else method  # One program for both.
   return _attribute(method, model, tuple(sorted(options.items())), variables, x, classes)
@@ -113,8 +138,10 @@ def _check_options(method, model, options) -> None:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _attribute(method, model, options, variables, x, classes):
-  options = dict(options)
+def _attribute(method, model, options, variables, x, given):
+  # Traced classes may be out of range: every method sees them clamped, and
+  # their maps become NaN at the end.
+  options, classes = dict(options), explain.clamp_classes(given, model.num_classes)
   logits_fn = lambda x: model.apply(variables, x)
   if method == "ours":
     maps = explain.contribution_maps(model, variables, x, classes)
@@ -130,7 +157,7 @@ def _attribute(method, model, options, variables, x, classes):
     maps = _select(occlusion(logits_fn, x, ks=int(method[3:]), **options), classes)
   else:
     maps = _select(rise(logits_fn, x, **options), classes)
-  return maps.astype(jnp.float32)
+  return explain.nan_where_out_of_range(maps.astype(jnp.float32), given, model.num_classes)
 
 
 def _select(maps, classes):

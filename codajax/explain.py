@@ -39,14 +39,17 @@ class Explanation(NamedTuple):
 
 
 def target_classes(classes, n: int, num_classes: int) -> jax.Array:
-  """classes as an (n, K) int array (None: all classes), checked."""
+  """classes as an (n, K) int array (None: all classes), checked.
+
+  Values out of [0, num_classes) raise a ValueError where they are known
+  (outside jit). Under jit they cannot be checked: callers clamp them and give
+  their entries NaN maps (`clamp_classes`, `nan_where_out_of_range`).
+  """
   if classes is None:
     return jnp.broadcast_to(jnp.arange(num_classes), (n, num_classes))
   classes = jnp.asarray(classes)
   if not jnp.issubdtype(classes.dtype, jnp.integer):
     raise ValueError(f"classes must be integers, got dtype {classes.dtype}.")
-  # Checked when the values are known (outside jit); one_hot would silently
-  # give all-zero maps for them.
   values = models.concrete_values(classes)
   if values is not None and values.size and (
       values.min() < 0 or values.max() >= num_classes):
@@ -60,6 +63,26 @@ def target_classes(classes, n: int, num_classes: int) -> jax.Array:
       f"classes must have shape (K,) or (N, K) with N={n}; got {classes.shape}.")
 
 
+def clamp_classes(classes: jax.Array, num_classes: int) -> jax.Array:
+  """classes clipped into [0, num_classes), so that one_hot and gathers of an
+  out-of-range class give no silent zeros (one_hot), NaNs or wrapped indices
+  (-1: the last class) but some class's map, which `nan_where_out_of_range`
+  then replaces."""
+  return jnp.clip(classes, 0, num_classes - 1)
+
+
+def nan_where_out_of_range(maps: jax.Array, classes: jax.Array, num_classes: int) -> jax.Array:
+  """maps (N, K, ...) with NaN wherever classes (N, K) is out of [0, num_classes).
+
+  Only traced classes can be out of range (known ones were checked by
+  `target_classes`), so known classes return maps untouched.
+  """
+  if models.concrete_values(classes) is not None:
+    return maps
+  valid = (classes >= 0) & (classes < num_classes)
+  return jnp.where(valid.reshape(valid.shape + (1,) * (maps.ndim - 2)), maps, jnp.nan)
+
+
 def explain(model: models.CoDANet, variables, x: jax.Array, classes=None,
             layer: int = 0) -> Explanation:
   """The composed linear map from the input of `layer` to the requested logits.
@@ -69,19 +92,23 @@ def explain(model: models.CoDANet, variables, x: jax.Array, classes=None,
     variables: its variables ({"params": ...}).
     x: images (N, H, W, C) in [0, 1].
     classes: None for all classes, an int array (K,), or (N, K) per image.
+      A class out of [0, num_classes) is a ValueError where the values are
+      known; under jit, where they are not, its rows of the map are NaN
+      (never zeros, nor another class's map).
     layer: 0 for the encoded input [x, 1 - x], l for the input of layer l.
   """
   num_layers = model.num_layers
   if not 0 <= layer < num_layers:
     raise ValueError(f"layer must be in [0, {num_layers - 1}], got {layer}.")
   inputs, logits = model.apply(variables, x, method=models.CoDANet.layer_inputs)
-  n = x.shape[0]
+  n, all_classes = x.shape[0], classes is None
   classes = target_classes(classes, n, model.num_classes)
   h_out, w_out = _output_hw(model, inputs[-1].shape[1:3], num_layers - 1)
   # Sum-pool transpose and 1/T: every position of the last layer's output
   # carries onehot(c) / T. The sweep keeps the class axis last, (N, H, W, C, K),
   # where every per-layer product is a plain GEMM.
-  g = jax.nn.one_hot(classes, model.num_classes, dtype=jnp.float32) / model.temperature
+  g = jax.nn.one_hot(clamp_classes(classes, model.num_classes), model.num_classes,
+                     dtype=jnp.float32) / model.temperature
   g = jnp.broadcast_to(jnp.swapaxes(g, 1, 2)[:, None, None],
                        (n, h_out, w_out, model.num_classes, classes.shape[1]))
   specs = models.layer_specs(model)
@@ -93,7 +120,10 @@ def explain(model: models.CoDANet, variables, x: jax.Array, classes=None,
     pull = (dau_fused.transpose if cost_fused < cost_materialised
             else dau_fused.transpose_materialized)
     g = pull(variables["params"][f"layer_{l}"], specs[l], inputs[l].astype(model.dtype), g)
-  return Explanation(jnp.moveaxis(g, -1, 1), inputs[layer], logits, classes)
+  rows = jnp.moveaxis(g, -1, 1)
+  if not all_classes:
+    rows = nan_where_out_of_range(rows, classes, model.num_classes)
+  return Explanation(rows, inputs[layer], logits, classes)
 
 
 def _composition_costs(model, l: int, in_channels: int, k: int) -> tuple[int, int]:

@@ -75,6 +75,39 @@ def test_unknown_method_option_or_value_raises():
     attribution.attribute("grad", MODEL, VARIABLES, X, CLASSES + 5)
 
 
+def test_method_names_are_case_insensitive_or_suggested():
+  assert attribution.canonical_method("GradCAM") == "gradcam"
+  assert [attribution.canonical_method(m.upper()) for m in attribution.METHODS] == list(
+      attribution.METHODS)
+  np.testing.assert_array_equal(
+      attribution.attribute("IxG", MODEL, VARIABLES, X, CLASSES), _attribution("ixg"))
+  with pytest.raises(ValueError, match=r"^attribute: unknown method 'Grad-CAM' \(did you mean "
+                     r"'gradcam'"):
+    attribution.attribute("Grad-CAM", MODEL, VARIABLES, X, CLASSES)
+
+
+# Under jit, out-of-range classes: one of num_classes = 5, one of -1.
+BAD = np.asarray(CLASSES).copy()
+BAD[0, 0], BAD[1, 1] = 5, -1
+
+
+@pytest.mark.parametrize("method", [m for m in attribution.METHODS if m != "lime"])
+def test_out_of_range_classes_under_jit_give_nan_maps(method):
+  options = dict(num_masks=64) if method == "rise" else {}
+  maps = np.asarray(jax.jit(functools.partial(attribution.attribute, method, MODEL, **options))(
+      VARIABLES, X, jnp.asarray(BAD)))
+  bad = np.zeros(BAD.shape, bool)
+  bad[0, 0] = bad[1, 1] = True
+  assert np.isnan(maps[bad]).all(), method        # Not zeros, nor the last class's map.
+  np.testing.assert_allclose(maps[~bad], _attribution(method, **options)[~bad],
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_lime_under_jit_is_refused():
+  with pytest.raises(ValueError, match="'lime' runs on the host .* outside jax.jit"):
+    jax.jit(functools.partial(attribution.attribute, "lime", MODEL))(VARIABLES, X, CLASSES)
+
+
 def test_lime_without_the_package_names_the_extra(monkeypatch):
   monkeypatch.setitem(sys.modules, "lime", None)  # `import lime` now raises ImportError.
   with pytest.raises(ImportError, match=r"pip install 'codajax\[lime\]'"):

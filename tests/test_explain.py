@@ -384,6 +384,22 @@ def test_out_of_range_classes_are_rejected():
       explain.linear_map(model, variables, x, jnp.array(bad))
 
 
+def test_out_of_range_classes_under_jit_give_nan_rows(case):
+  # Traced classes cannot be checked: num_classes and -1 must give NaN rows,
+  # not zeros (one_hot) nor the last class (-1 wrapped), and leave the others
+  # exactly as with in-range classes in the same program.
+  model, x, variables = case  # 5 classes.
+  fn = jax.jit(functools.partial(explain.explain, model, layer=1))
+  bad = fn(variables, x, jnp.array([[5, 0], [1, -1]]))
+  good = fn(variables, x, jnp.array([[4, 0], [1, 4]]))
+  nan = np.isnan(np.asarray(bad.linear_map))
+  assert nan[0, 0].all() and nan[1, 1].all() and not nan[0, 1].any() and not nan[1, 0].any()
+  assert np.isnan(np.asarray(bad.contributions))[[0, 1], [0, 1]].all()
+  np.testing.assert_array_equal(bad.linear_map[[0, 1], [1, 0]], good.linear_map[[0, 1], [1, 0]])
+  np.testing.assert_array_equal(bad.logits, good.logits)
+  np.testing.assert_array_equal(bad.classes, [[5, 0], [1, -1]])
+
+
 def test_empty_batch_raises_one_clear_error():
   model = models.tiny()
   variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
