@@ -19,6 +19,7 @@ load fills the cache, `cache_dir` or $CODAJAX_CACHE or ~/.cache/codajax:
   <cache>/<name>/model_epoch_<epoch>.pkl   the authors' file, kept so that it
                                            can be converted again offline,
   <cache>/<name>/sha256                    its sha256 (`sha256sum -c` format),
+                                           recorded once it passed the checks,
   <cache>/<name>/orbax/                    the converted parameters, a workdir
                                            that `codajax.checkpoint` restores.
 
@@ -26,20 +27,45 @@ It downloads the file (atomically: a partial download never takes the file's
 name), converts it with `codajax.convert`, checks the result against a torch
 forward of the authors' network (`convert.torch_forward`), and keeps it, so
 later loads need neither torch nor the network. The authors publish no
-hashes, so the file's sha256 is recorded at its first download: a later
-download that differs (the file behind the URL changed, or arrived damaged) is
-an error rather than, silently, another model.
+hashes, so the file's sha256 is recorded at its first download that passes
+the checks: a later download that differs (the file behind the URL changed,
+or arrived damaged) is an error rather than, silently, another model. A file
+that fails a check before its hash was recorded is removed, so the next run
+downloads it again; a failed run leaves no folder it created empty.
 
-Every failure is a `PretrainedError`: one line naming the model and the fix.
+Names are matched case-insensitively ("9l-s-coda-sq-1000"). Every failure is
+a `PretrainedError`: one line naming the model and the fix. On the command
+line, Ctrl-C (during the imports, the download or the conversion) prints one
+line and exits with status 130, leaving no partial file.
 """
 
+import os
+import signal
+import sys
+
+
+def _interrupted(*unused_signal_args) -> None:
+  """Ctrl-C on the command line: one line and status 130 (128 + SIGINT), at
+  once, without the interpreter's teardown (XLA's and torch's threads)."""
+  sys.stdout.flush()
+  sys.stderr.write("codajax.pretrained: interrupted (Ctrl-C); no partial file was kept. "
+                   "Run the same command again.\n")
+  sys.stderr.flush()
+  os._exit(130)  # pylint: disable=protected-access
+
+
+if __name__ == "__main__":
+  # Before the imports below (jax, orbax: seconds), which Ctrl-C would
+  # otherwise break with a long traceback.
+  signal.signal(signal.SIGINT, _interrupted)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import contextlib
 import dataclasses
 import difflib
 import hashlib
 import http.client
-import os
 import shutil
-import sys
 import tempfile
 import urllib.request
 from typing import Any, Optional
@@ -123,9 +149,13 @@ CHECK_INPUTS = {"cifar10": (2, 32), "imagenet100": (1, 48)}
 
 
 def get(name: str) -> Pretrained:
-  """The table entry of `name`; an unknown name suggests the closest ones."""
+  """The table entry of `name`, matched case-insensitively; an unknown name
+  suggests the closest ones."""
   if name in MODELS:
     return MODELS[name]
+  by_lower = {m.lower(): entry for m, entry in MODELS.items()}
+  if isinstance(name, str) and name.lower() in by_lower:
+    return by_lower[name.lower()]
   close = difflib.get_close_matches(str(name), list(MODELS), n=3, cutoff=0.6)
   hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
   raise PretrainedError(f"Unknown pretrained model {name!r}.{hint} The authors released: "
@@ -202,24 +232,44 @@ def _load(name, cache_dir, url, progress):
 
 def _convert(entry: Pretrained, model: models.CoDANet, directory: str, url: str,
              progress: bool) -> None:
-  """Fetches (or reuses) the authors' file, converts, checks and keeps it."""
+  """Fetches (or reuses) the authors' file, converts, checks and keeps it.
+
+  A failure leaves no folder that this call created and left empty.
+  """
   _require_torch(entry)  # Before a download that could not be used.
-  _make_dir(entry, directory)
-  path = os.path.join(directory, entry.filename)
-  if os.path.exists(path):
-    sha = _check_cached(entry, path)
-  else:
-    sha = _download(entry, url, path, progress)
-  state_dict = _read(entry, path)
+  created = _make_dir(entry, directory)
   try:
-    variables = convert.from_torch_state_dict(model, state_dict)
-  except ValueError as e:
-    lines = str(e).splitlines()
-    raise PretrainedError(
-        f"{entry.name}: {path} does not fit the {entry.architecture} architecture "
-        f"({' '.join(lines[:2])}); it is not the authors' {entry.name} file: delete "
-        f"{directory} and run again, or check the URL.") from e
-  _check_against_torch(entry, model, state_dict, variables)
+    _fetch_and_convert(entry, model, directory, url, progress)
+  except BaseException:
+    for d in reversed(created):  # Deepest first; os.rmdir keeps non-empty ones.
+      with contextlib.suppress(OSError):
+        os.rmdir(d)
+    raise
+
+
+def _fetch_and_convert(entry, model, directory, url, progress) -> None:
+  """The file (downloaded unless cached), checked and converted into the cache.
+
+  Its sha256 is recorded once it passed the checks: a file that never did (no
+  recorded hash) and fails one is removed, so that the next run downloads it
+  again instead of failing on it, or refusing the right file, for good.
+  """
+  path = os.path.join(directory, entry.filename)
+  sha = (_check_cached(entry, path) if os.path.exists(path)
+         else _download(entry, url, path, progress))
+  verified = _recorded_sha256(path) is not None
+  fix = (f"delete {directory} and run again, or check the URL" if verified else
+         "it was removed from the cache; check the URL and run again")
+  try:
+    state_dict = _read(entry, path, fix)
+    variables = _from_state_dict(entry, model, path, state_dict, fix)
+    _check_against_torch(entry, model, state_dict, variables, sha, fix)
+  except PretrainedError:
+    if not verified:
+      os.remove(path)
+    raise
+  if not verified:
+    _record_sha256(path, sha)
   meta = {"pretrained": entry.name, "config": entry.config, "source": url, "sha256": sha,
           "model": model_config(entry.name).to_dict()}
   # Written aside, then renamed: a crash never leaves a half-written cache entry.
@@ -246,17 +296,23 @@ def _require_torch(entry: Pretrained) -> None:
         "the converted copy and need no torch).") from e
 
 
-def _make_dir(entry: Pretrained, directory: str) -> None:
+def _make_dir(entry: Pretrained, directory: str) -> list[str]:
+  """Makes `directory` (checked writable); returns the folders it created, outermost first."""
+  created, d = [], directory
+  while not os.path.isdir(d) and os.path.dirname(d) != d:
+    created.insert(0, d)
+    d = os.path.dirname(d)
   try:
     os.makedirs(directory, exist_ok=True)
     tempfile.TemporaryFile(dir=directory).close()
+    return created
   except OSError as e:
     raise PretrainedError(
         f"{entry.name}: cannot write the cache {directory} ({e.strerror or e}); pass "
         f"cache_dir= (--cache_dir) or set ${CACHE_ENV} to a writable directory.") from e
 
 
-def _read(entry: Pretrained, path: str) -> dict[str, np.ndarray]:
+def _read(entry: Pretrained, path: str, fix: str) -> dict[str, np.ndarray]:
   try:
     return convert.load_torch_state_dict(path)
   except ValueError as e:
@@ -264,11 +320,20 @@ def _read(entry: Pretrained, path: str) -> dict[str, np.ndarray]:
     raise PretrainedError(
         f"{entry.name}: {path} is not a PyTorch state dict (torch.load(..., "
         "weights_only=True) refused it), so not the authors' file: perhaps a file host's "
-        f"error page. Delete {os.path.dirname(path)} and run again, or check the "
-        "URL.") from e
+        f"error page; {fix}.") from e
 
 
-def _check_against_torch(entry, model, state_dict, variables) -> None:
+def _from_state_dict(entry, model, path, state_dict, fix):
+  try:
+    return convert.from_torch_state_dict(model, state_dict)
+  except ValueError as e:
+    lines = str(e).splitlines()
+    raise PretrainedError(
+        f"{entry.name}: {path} does not fit the {entry.architecture} architecture "
+        f"({' '.join(lines[:2])}); it is not the authors' {entry.name} file: {fix}.") from e
+
+
+def _check_against_torch(entry, model, state_dict, variables, sha, fix) -> None:
   """Raises unless codajax's forward matches the authors' torch forward.
 
   Compared is the evidence, the logits before / T and + logit bias (both
@@ -285,9 +350,9 @@ def _check_against_torch(entry, model, state_dict, variables) -> None:
   if not err <= RTOL:
     raise PretrainedError(
         f"{entry.name}: the converted model does not match the authors' torch forward "
-        f"(relative difference {err:.2e} > {RTOL:g} on {n} random {side}x{side} images); "
-        "do not use it, and report this at the codajax issue tracker with the file's "
-        "sha256.")
+        f"(relative difference {err:.2e} > {RTOL:g} on {n} random {side}x{side} images), "
+        "so it was not kept: report this at the codajax issue tracker with the file's "
+        f"sha256 {sha}; {fix}.")
 
 
 # Restoring the converted copy. ------------------------------------------------
@@ -319,7 +384,7 @@ def _restore(entry: Pretrained, model: models.CoDANet, converted: str):
 
 
 def _download(entry: Pretrained, url: str, path: str, progress: bool) -> str:
-  """Downloads url to path atomically; returns its sha256 (checked or recorded)."""
+  """Downloads url to path atomically; returns its sha256 (checked if recorded)."""
   recorded = _recorded_sha256(path)
   fd, tmp = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".part",
                              dir=os.path.dirname(path))
@@ -369,21 +434,17 @@ def _download(entry: Pretrained, url: str, path: str, progress: bool) -> str:
   finally:
     if shown:
       sys.stderr.write("\n")
-  if not recorded:
-    _record_sha256(path, sha)
   return sha
 
 
 def _check_cached(entry: Pretrained, path: str) -> str:
-  """The cached file's sha256, checked against (or recorded as) the first one."""
+  """The cached file's sha256, checked against the recorded one if any."""
   sha, recorded = _file_sha256(path), _recorded_sha256(path)
   if recorded and sha != recorded:
     raise PretrainedError(
         f"{entry.name}: the cached {path} has sha256 {sha}, not the {recorded} recorded "
         f"at its first download ({_sha256_path(path)}): it was changed or damaged. Delete "
         "it to download it again.")
-  if not recorded:
-    _record_sha256(path, sha)
   return sha
 
 
@@ -460,18 +521,24 @@ def main(argv, flag_values=None) -> None:
   if len(argv) != 2:
     raise app.UsageError(f"Give one model name (python -m codajax.pretrained NAME "
                          f"--workdir W), one of: {', '.join(MODELS)}.")
-  name = argv[1]
   try:
-    workdir = to_workdir(name, fv.workdir, cache_dir=fv.cache_dir, url=fv.url)
+    entry = get(argv[1])
+    workdir = to_workdir(entry.name, fv.workdir, cache_dir=fv.cache_dir, url=fv.url)
   except PretrainedError as e:
     raise SystemExit(f"codajax.pretrained: {e}") from None
-  print(f"Wrote the authors' {name} to {workdir}. Evaluate it (from a codajax checkout, "
-        "which has configs/) with:")
-  print(f"  python -m codajax.main --config {MODELS[name].config} --workdir {workdir} "
+  print(f"Wrote the authors' {entry.name} to {workdir}. Evaluate it (from a codajax "
+        "checkout, which has configs/) with:")
+  print(f"  python -m codajax.main --config {entry.config} --workdir {workdir} "
         "--mode eval")
 
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   define_flags()
-  app.run(main)
+  # From here on Ctrl-C raises KeyboardInterrupt, so that a download removes
+  # its partial file on the way out; then one line and 130.
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    app.run(main)
+  except KeyboardInterrupt:
+    _interrupted()

@@ -25,6 +25,9 @@ Two choices differ from the authors' script, both visible in the arguments:
 
 The explanations themselves are `codajax.explain` (no autodiff); this module
 only batches them over frames and turns them into pictures.
+
+A file that cannot be read as a video (empty, text, truncated, no frames) is
+a `VideoError` (a ValueError): one line naming the file and what was expected.
 """
 
 import contextlib
@@ -52,6 +55,14 @@ AUTHORS_MAXV = 0.011118167620152223
 PERCENTILE = 99.75
 VIDEO_EXTRA = "pip install 'codajax[video]'"
 SUFFIXES = (".gif", ".mp4")
+FFMPEG_INVALID = "Invalid data found when processing input"  # ffmpeg's AVERROR_INVALIDDATA.
+
+
+class VideoError(ValueError):
+  """A file that is not a readable video: one line naming it and what was expected."""
+
+  def __init__(self, message: str):
+    super().__init__(" ".join(str(message).split()))
 
 
 # ------------------------------------------------------------------ frames in
@@ -319,21 +330,49 @@ def _spawning_ffmpeg():
 
 
 def read_video(path) -> np.ndarray:
-  """All frames of a video or GIF (anything imageio reads) as uint8 (T, H, W, 3)."""
+  """All frames of a video or GIF (anything imageio reads) as uint8 (T, H, W, 3).
+
+  Raises FileNotFoundError for a missing file, and VideoError for one that
+  Pillow (GIF) or ffmpeg (anything else) cannot read or that has no frames.
+  """
+  path = os.fspath(path)
+  gif = path.lower().endswith(".gif")
   try:
-    import imageio.v3 as iio  # pylint: disable=g-import-not-at-top
+    iio = _import_video_libs(".gif")
+    if not gif:
+      _import_video_libs(".mp4")  # imageio would only say that no plugin can read it.
   except ImportError as e:
     raise ImportError(f"Reading videos needs imageio and imageio-ffmpeg: {VIDEO_EXTRA}.") from e
-  path = os.fspath(path)
   # Frame by frame: a stack of a whole clip is ambiguous ((T, H, W) grey or
   # (H, W, 3) one image); GIF frames are asked for in RGB, as they may switch
   # palettes and modes.
-  kwargs = {"plugin": "pillow", "mode": "RGB"} if path.lower().endswith(".gif") else {}
-  with _spawning_ffmpeg():
-    frames = [_rgb(np.asarray(f)) for f in iio.imiter(path, **kwargs)]
+  kwargs = {"plugin": "pillow", "mode": "RGB"} if gif else {}
+  expected = ("a GIF file with at least one frame" if gif else
+              "a video file that ffmpeg decodes (e.g. MP4) with at least one frame")
+  try:
+    with _spawning_ffmpeg():
+      frames = [np.asarray(f) for f in iio.imiter(path, **kwargs)]
+  except FileNotFoundError:
+    raise
+  except (OSError, RuntimeError, ValueError, IndexError, EOFError, SyntaxError) as e:
+    # Pillow and ffmpeg name neither the file nor the fix, and ffmpeg adds its
+    # banner: not chained into the traceback (still there as __context__).
+    raise VideoError(f"{path} is not a readable video ({_read_failure(e, path, gif)}); expected "
+                     f"{expected}.") from None
   if not frames:
-    raise ValueError(f"read_video: {path!r} has no frames.")
-  return np.stack(frames)
+    raise VideoError(f"{path} has no frames; expected {expected}.")
+  return np.stack([_rgb(f) for f in frames])
+
+
+def _read_failure(e: BaseException, path: str, gif: bool) -> str:
+  """The gist of a reader's error: ffmpeg's verdict (after its banner, among
+  its log lines), else the error's last line, with the reader's name."""
+  text, reader = str(e.__cause__ or e), "Pillow" if gif else "ffmpeg"
+  if not gif and FFMPEG_INVALID in text:
+    return f"ffmpeg: {FFMPEG_INVALID.lower()}"
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  gist = lines[-1].rstrip(".").replace(path, "it") if lines else type(e).__name__
+  return gist if gist.startswith(reader) else f"{reader}: {gist}"
 
 
 def _rgb(frame: np.ndarray) -> np.ndarray:
@@ -353,7 +392,8 @@ def explain_video(model: models.CoDANet, variables, frames, path, *,
                   max_value: Optional[float] = None) -> dict:
   """Explains a clip and writes it (frame left, map right) to `path` (.gif/.mp4).
 
-  frames: (T, H, W, C) uint8 or floats in [0, 1], or a path for `read_video`.
+  frames: (T, H, W, C) uint8 or floats in [0, 1], or a path for `read_video`
+  (VideoError if it is not a readable video; nothing is written then).
   image_size: the model's input size (short side resized to it, then centre
   crop); None keeps the frames' scale and crops the centre square.
   class_idx, batch_size: as `explain_frames`; max_value: as `map_to_rgb`.

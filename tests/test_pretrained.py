@@ -7,12 +7,16 @@ fills a cache; tests that change a cache work on a copy of it.
 """
 
 import hashlib
+import http.server
 import importlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 from unittest import mock
 
@@ -30,6 +34,7 @@ from codajax import pretrained
 from tests import test_convert
 
 NAME = "9L-S-CoDA-SQ-1000"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Copied from the authors' interpretability/utils.py (moboehle/CoDA-Nets).
 AUTHORS_MODEL_URLS = {
     "Imagenet": {
@@ -302,7 +307,8 @@ class TestFailures:
     if served == "html":  # What a file host answers when a share has gone.
       with open(path, "w") as f:
         f.write("<html><body>This share does not exist.</body></html>")
-      match = f"^{NAME}: .* is not a PyTorch state dict .* Delete .* and run again"
+      match = (f"^{NAME}: .* is not a PyTorch state dict .* error page; it was removed from "
+               "the cache; check the URL and run again")
     else:
       torch.save({k: torch.from_numpy(v) for k, v in test_convert.random_state_dict().items()},
                  path)
@@ -330,6 +336,51 @@ class TestFailures:
         pretrained.load(NAME, cache_dir=cache, url=file_url(authors[0]))
     assert listing(cache) == []
 
+  @pytest.mark.parametrize("failure", ["not_a_state_dict", "torch_forward"])
+  def test_file_failing_a_check_is_removed_and_downloaded_again(self, authors, tmp_path,
+                                                                 failure):
+    # Neither the file nor its hash may stay: the next run would fail on the
+    # same file for good, or (its hash recorded) refuse the authors' file.
+    cache = str(tmp_path / "cache")
+    if failure == "not_a_state_dict":
+      page = tmp_path / "page"
+      page.write_text("<html><body>This share does not exist.</body></html>")
+      with pytest.raises(pretrained.PretrainedError, match="it was removed from the cache"):
+        pretrained.load(NAME, cache_dir=cache, url=file_url(page))
+    else:
+      with mock.patch.object(pretrained, "RTOL", -1.0), \
+          pytest.raises(pretrained.PretrainedError, match=f"^{NAME}: the converted model "
+                        f"does not match .* sha256 {sha256(authors[0])}; it was removed"):
+        pretrained.load(NAME, cache_dir=cache, url=file_url(authors[0]))
+    assert not os.path.exists(cache)  # Nothing kept, not even empty folders.
+    _, variables = pretrained.load(NAME, cache_dir=cache, url=file_url(authors[0]))
+    chex.assert_trees_all_equal(jax.device_get(variables["params"]), authors[2])
+    with open(os.path.join(cache, NAME, "sha256")) as f:
+      assert f.read().split()[0] == sha256(authors[0])
+
+  def test_failed_offline_run_leaves_no_folder_it_created(self, tmp_path):
+    url = file_url(tmp_path / "no" / "such.pkl")
+    fresh = str(tmp_path / "fresh" / "cache")  # Neither folder exists yet.
+    with pytest.raises(pretrained.PretrainedError, match="cannot download"):
+      pretrained.load(NAME, cache_dir=fresh, url=url)
+    assert not os.path.exists(tmp_path / "fresh")
+    shared = tmp_path / "shared"  # A cache in use: only the model's folder goes.
+    (shared / "9L-S-CoDA-SQ-10").mkdir(parents=True)
+    with pytest.raises(pretrained.PretrainedError, match="cannot download"):
+      pretrained.load(NAME, cache_dir=str(shared), url=url)
+    assert os.listdir(shared) == ["9L-S-CoDA-SQ-10"]
+
+  def test_names_are_case_insensitive(self, first_load, capsys, tmp_path):
+    assert pretrained.get("9l-s-coda-sq-1000") is pretrained.MODELS[NAME]
+    assert pretrained.get("9L-L-CODA-SQ-100000").name == "9L-L-CoDA-SQ-100000"
+    with mock.patch.object(urllib.request, "urlopen", no_network):
+      model, _ = pretrained.load("9l-s-coda-sq-1000", cache_dir=first_load[0])
+    assert model == first_load[1][0]
+    workdir = str(tmp_path / "w")
+    pretrained.main(["pretrained", NAME.lower()],
+                    flag_values=TestCommandLine.parse_flags(workdir, first_load[0]))
+    assert f"Wrote the authors' {NAME} to {workdir}." in capsys.readouterr().out
+
 
 class TestWorkdir:
 
@@ -354,7 +405,8 @@ class TestWorkdir:
 
 class TestCommandLine:
 
-  def _flags(self, workdir, cache_dir):
+  @staticmethod
+  def parse_flags(workdir, cache_dir):
     fv = flags.FlagValues()
     pretrained.define_flags(fv)
     fv(["pretrained", f"--workdir={workdir}", f"--cache_dir={cache_dir}"])
@@ -362,7 +414,7 @@ class TestCommandLine:
 
   def test_prints_where_and_the_next_command(self, first_load, tmp_path, capsys):
     workdir = str(tmp_path / "w")
-    pretrained.main(["pretrained", NAME], flag_values=self._flags(workdir, first_load[0]))
+    pretrained.main(["pretrained", NAME], flag_values=self.parse_flags(workdir, first_load[0]))
     out = capsys.readouterr().out
     assert f"Wrote the authors' {NAME} to {workdir}." in out
     assert (f"python -m codajax.main --config configs/cifar10.py:{NAME} --workdir {workdir} "
@@ -381,3 +433,71 @@ class TestCommandLine:
         "'9L-L-CoDA-SQ-100000'")
     assert result.stderr.count("\n") == 1 and result.stdout == ""
     assert not os.path.exists(tmp_path / "w") and not os.path.exists(tmp_path / "c")
+
+
+INTERRUPTED = ("codajax.pretrained: interrupted (Ctrl-C); no partial file was kept. Run the "
+               "same command again.\n")
+
+
+class _StalledServer(http.server.BaseHTTPRequestHandler):
+  """Announces a 100 MB file, then sends nothing until `release` is set."""
+  requested, release = threading.Event(), threading.Event()
+
+  def do_GET(self):  # pylint: disable=invalid-name
+    self.send_response(200)
+    self.send_header("Content-Length", str(100 << 20))
+    self.end_headers()
+    self.wfile.flush()
+    type(self).requested.set()
+    type(self).release.wait(timeout=120)
+
+  def log_message(self, *args):
+    pass
+
+
+class TestCtrlC:
+  """Ctrl-C on the command line: one line and status 130, no partial file."""
+
+  def _start(self, tmp_path, url, *python_flags):
+    return subprocess.Popen(
+        [sys.executable, *python_flags, "-m", "codajax.pretrained", NAME,
+         f"--workdir={tmp_path / 'w'}", f"--cache_dir={tmp_path / 'c'}", f"--url={url}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+  def test_during_the_download(self, tmp_path):
+    _StalledServer.requested.clear()
+    _StalledServer.release.clear()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StalledServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+      proc = self._start(tmp_path, f"http://127.0.0.1:{server.server_port}/model.pkl")
+      deadline = time.monotonic() + 240  # The imports take seconds.
+      while not _StalledServer.requested.wait(timeout=0.5):
+        if proc.poll() is not None or time.monotonic() > deadline:
+          proc.kill()
+          pytest.fail(f"no request: {proc.communicate()}")
+      parts = [f for f in os.listdir(tmp_path / "c" / NAME) if f.endswith(".part")]
+      assert len(parts) == 1  # Mid-download.
+      proc.send_signal(signal.SIGINT)
+      out, err = proc.communicate(timeout=60)
+    finally:
+      _StalledServer.release.set()
+      server.shutdown()
+    assert (proc.returncode, err, out) == (130, INTERRUPTED, "")
+    assert not os.path.exists(tmp_path / "c") and not os.path.exists(tmp_path / "w")
+
+  def test_during_the_imports(self, tmp_path):
+    # -X importtime reports each import as it ends: Ctrl-C once jax's have begun.
+    proc = self._start(tmp_path, "http://unused.invalid/", "-X", "importtime")
+    lines = []
+    for line in proc.stderr:
+      lines.append(line)
+      if "jax._src" in line:
+        break
+    proc.send_signal(signal.SIGINT)
+    start = time.monotonic()
+    out, err = proc.communicate(timeout=60)
+    rest = [l for l in err.splitlines(keepends=True) if not l.startswith("import time:")]
+    assert (proc.returncode, "".join(rest), out) == (130, INTERRUPTED, ""), lines[-3:]
+    assert time.monotonic() - start < 30
+    assert not os.path.exists(tmp_path / "c") and not os.path.exists(tmp_path / "w")

@@ -217,3 +217,30 @@ def test_explain_video_end_to_end(net, tmp_path):
   chex.assert_shape(back, (5, SIZE, 2 * SIZE, 3))
   want = video.side_by_side(frames, video.map_to_rgb(maps))
   assert np.abs(back.astype(int) - want).mean() < 4
+
+
+@pytest.mark.parametrize("name,content,reason", [
+    ("empty.mp4", b"", "ffmpeg: invalid data found when processing input"),
+    ("text.mp4", b"hello, not a video\n", "ffmpeg: invalid data found when processing input"),
+    ("bad.gif", b"GIF? no.\n", "Pillow can not read it)"),
+    ("truncated.gif", None, "Pillow: "),
+])
+def test_unreadable_video_is_one_error_naming_the_file(net, tmp_path, name, content, reason):
+  path = tmp_path / name
+  if content is None:  # A real GIF cut in its frame data.
+    whole = tmp_path / "whole.gif"
+    video.write_video(whole, clip(4), fps=10)
+    content = whole.read_bytes()[:whole.stat().st_size // 3]
+    whole.unlink()
+  path.write_bytes(content)
+  expected = "a GIF file" if name.endswith(".gif") else "a video file that ffmpeg decodes"
+  with pytest.raises(video.VideoError) as e:
+    video.read_video(path)
+  msg = str(e.value)
+  assert msg.startswith(f"{path} is not a readable video ({reason}") and "\n" not in msg
+  assert f"; expected {expected}" in msg and len(msg) < 250 and "ffmpeg version" not in msg
+  assert isinstance(e.value, ValueError)
+  model, variables = net
+  with pytest.raises(video.VideoError, match=f"^{path} is not a readable video"):
+    video.explain_video(model, variables, path, tmp_path / "out.mp4", image_size=SIZE)
+  assert sorted(os.listdir(tmp_path)) == [name]  # Nothing written.
