@@ -11,9 +11,11 @@ Training, evaluation and `codajax.convert` all go through this module, so a
 checkpoint written by one is restored by the others.
 """
 
+import glob
 import hashlib
 import logging
 import os
+import shutil
 from typing import Any, Optional
 
 import jax
@@ -22,6 +24,10 @@ import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_METRIC = "eval/top1"
+# Orbax writes a step to <step>.orbax-checkpoint-tmp (older versions add
+# -<timestamp>) and renames it to <step> when it commits
+# (orbax.checkpoint._src.path.atomicity_types.TMP_DIR_SUFFIX).
+UNFINISHED = "*.orbax-checkpoint-tmp*"
 
 
 class CheckpointError(RuntimeError):
@@ -80,6 +86,33 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict,
     metrics.update({k: float(v) for k, v in metrics.items()})
   mngr.save(int(step), args=ocp.args.Composite(**items), metrics=metrics, force=True)
   return metrics
+
+
+def wait_committed(mngr: ocp.CheckpointManager, step: int) -> None:
+  """Blocks until the asynchronous save of `step` is committed (its folder
+  renamed to <checkpoints>/<step>); raises CheckpointError if it was not."""
+  mngr.wait_until_finished()
+  if not (mngr.directory / str(int(step))).exists():
+    raise CheckpointError(
+        f"The checkpoint of step {step} was not committed to {mngr.directory}; the "
+        "steps before it are kept. Check the disk (space, permissions) and rerun.")
+
+
+def remove_unfinished(workdir: str) -> list[str]:
+  """Removes the temporary step folders that a run killed while saving left
+  behind (orbax never commits them), in one logged line; returns their paths.
+
+  Only for the run that holds the workdir's lock (process 0, before its
+  manager is used): another live run's save in flight is such a folder too.
+  """
+  paths = sorted(glob.glob(os.path.join(directory(workdir), UNFINISHED)))
+  for path in paths:
+    shutil.rmtree(path, ignore_errors=True)
+  paths = [p for p in paths if not os.path.exists(p)]  # Orbax skips the others.
+  if paths:
+    logging.warning("Removed %d unfinished checkpoint(s) of an interrupted run: %s",
+                    len(paths), ", ".join(paths))
+  return paths
 
 
 def save_imported(workdir: str, params, meta: dict) -> str:

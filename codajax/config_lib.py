@@ -10,13 +10,16 @@ and applies `tiny` for its ',tiny' smoke run. The architectures come from
 configs can be read and written anywhere.
 """
 
+import difflib
 import math
 import os
 import re
+from typing import Optional
 
 import ml_collections
 
 from codajax import architectures
+from codajax import bootstrap
 
 TINY_ARGS = ("tiny", "runlocal")
 # The known values of the string fields (codajax.models, codajax.dau,
@@ -48,6 +51,13 @@ REMOVAL_ORDERS = ("least", "most")
 REMOVAL_FILLS = ("encoded_zero", "black")
 # The methods with stored results in the authors' repository (the paper's figures).
 PAPER_METHODS = ("ours", "grad", "ixg", "intgrad", "deeplift", "gradcam", "occ5", "occ9")
+# The order of the test images that the evaluation draws from: "dataset" (as
+# read), "shuffled" (a permutation seeded by config.evaluation.seed) or "auto":
+# the data set's own order for the tfds data sets whose order the authors
+# evaluated (CIFAR-10, ImageNet), "shuffled" for every other one (an image
+# folder or the digits come class by class, or in an order of their own).
+IMAGE_ORDERS = ("auto", "dataset", "shuffled")
+AUTHORS_ORDER_DATASETS = ("cifar10", "imagenet2012")  # tfds names; and imagenet2012_*.
 
 
 class ConfigError(ValueError):
@@ -132,18 +142,36 @@ def evaluation_config() -> ml_collections.ConfigDict:
   e.conf_thresh = 0.5         # sigmoid(logit) must exceed it.
   e.skip_bug = True           # The original skips one image after every grid.
   e.smooth = 1                # Average-pool size before the clamp (odd; 1: none).
-  e.seed = 42                 # Of the class draws.
+  e.seed = 42                 # Of the class draws and of a shuffled image order.
   e.num_comparison = 3        # Grids drawn in comparison.png (0: no figure).
   # Pixel removal: the first num_images test images, their true class.
   e.num_images = 1024
+  # The order in which both metrics see the test images (IMAGE_ORDERS; the
+  # grids' scan order, and which num_images come first). Seeded by `seed`.
+  e.image_order = "auto"
   e.fraction = 0.25           # Remove up to this fraction of the pixels ...
   e.points = 128              # ... in this many steps (points + 1 values).
   e.order = "least"           # Least important first, or "most".
   e.fill = "encoded_zero"     # All 2C channels of [x, 1 - x] zeroed (original), or "black".
   e.batch_size = 8            # Grids or images per attribution call (per process).
+  # The 95% bootstrap intervals of evaluation/summary.json (codajax.bootstrap):
+  # resamples of whole grids (localisation) and images (pixel removal).
+  e.bootstrap_resamples = bootstrap.NUM_RESAMPLES
+  e.bootstrap_seed = bootstrap.SEED
   e.options = ml_collections.ConfigDict(
       {m: ml_collections.ConfigDict(o) for m, o in ATTRIBUTION_OPTIONS.items()})
   return e
+
+
+def image_order(config) -> str:
+  """config.evaluation.image_order with "auto" decided: "dataset" or "shuffled"."""
+  order = config.evaluation.image_order
+  if order != "auto":
+    return order
+  # "tfds:<name>[/<config>][:<version>]"; ImageNet also as imagenet2012_subset etc.
+  name = re.split(r"[/:]", config.dataset[5:])[0] if config.dataset.startswith("tfds:") else ""
+  known = name in AUTHORS_ORDER_DATASETS or name.startswith("imagenet2012_")
+  return "dataset" if known else "shuffled"
 
 
 def parse_arg(arg):
@@ -198,11 +226,13 @@ def tiny(c, *, num_steps: int, log_every_steps: int, net: bool = False,
     c.model.update(architectures.tiny(c.model.out_channels[-1]))
 
 
-def resolve(config, num_classes: int, num_devices: int) -> ml_collections.ConfigDict:
+def resolve(config, num_classes: int, num_devices: int,
+            num_train: Optional[int] = None) -> ml_collections.ConfigDict:
   """A locked copy with num_classes and a last layer of -1 filled from the data.
 
   Checks that the batch sizes fit `num_devices` (an eval batch is rounded
-  down to a multiple of them) and that the lr is positive.
+  down to a multiple of them), that the lr is positive and, given `num_train`
+  (training), that a batch does not exceed the training split.
   """
   config = ml_collections.ConfigDict(config.to_dict())
   if config.num_classes is None:
@@ -215,6 +245,10 @@ def resolve(config, num_classes: int, num_devices: int) -> ml_collections.Config
     raise ConfigError(
         f"config.model.out_channels ends in {out[-1]} but the data has "
         f"{num_classes} classes; set the last entry to {num_classes} (or -1).")
+  if num_train is not None and config.batch_size > num_train:
+    raise ConfigError(
+        f"config.batch_size={config.batch_size} exceeds the {num_train} training examples "
+        f"of {config.dataset}; use at most {num_train}.")
   if config.grad_accum_steps < 1 or config.batch_size % config.grad_accum_steps:
     raise ConfigError(f"config.batch_size={config.batch_size} must be a multiple of "
                      f"config.grad_accum_steps={config.grad_accum_steps} (>= 1).")
@@ -329,16 +363,32 @@ def _validate_model(config, need) -> None:
        "entries must satisfy 0 <= padding < kernel size.")
 
 
+def _spelling(names, known) -> str:
+  """' Did you mean ...?' for the unknown `names` close to a `known` one, or ''."""
+  hints = []
+  for name in names if isinstance(names, (tuple, list)) else ():
+    if isinstance(name, str) and name not in known:
+      close = [k for k in known if k.lower() == name.lower()] or difflib.get_close_matches(
+          name.lower(), known, n=1)
+      hints += [f"{close[0]!r} for {name!r}"] if close else []
+  return f" Did you mean {', '.join(hints)}?" if hints else ""
+
+
 def _validate_evaluation(config, need) -> None:
   e = config.evaluation
   need(isinstance(e.methods, (tuple, list)) and len(e.methods) > 0
        and set(e.methods) <= set(ATTRIBUTION_OPTIONS), "evaluation.methods",
-       f"must be a non-empty sequence of {tuple(ATTRIBUTION_OPTIONS)}.")
+       f"must be a non-empty sequence of {tuple(ATTRIBUTION_OPTIONS)}."
+       + _spelling(e.methods, tuple(ATTRIBUTION_OPTIONS)))
   need(isinstance(e.metrics, (tuple, list)) and len(e.metrics) > 0
        and set(e.metrics) <= set(METRICS), "evaluation.metrics",
-       f"must be a non-empty sequence of {METRICS}.")
+       f"must be a non-empty sequence of {METRICS}." + _spelling(e.metrics, METRICS))
+  need(e.image_order in IMAGE_ORDERS, "evaluation.image_order",
+       f"use one of {IMAGE_ORDERS} (auto: the data set's order for tfds CIFAR-10 and "
+       "ImageNet, else shuffled).")
   for f, low in (("grid_size", 2), ("num_grids", 1), ("num_images", 1), ("points", 1),
-                 ("batch_size", 1), ("smooth", 1), ("num_comparison", 0), ("seed", 0)):
+                 ("batch_size", 1), ("smooth", 1), ("num_comparison", 0), ("seed", 0),
+                 ("bootstrap_resamples", 100), ("bootstrap_seed", 0)):
     need(_is_int(e[f]) and e[f] >= low, f"evaluation.{f}", f"must be an integer >= {low}.")
   need(not _is_int(e.smooth) or e.smooth % 2 == 1, "evaluation.smooth",
        "must be odd (a centred window).")

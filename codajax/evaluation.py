@@ -317,6 +317,18 @@ def score_summary(scores) -> dict:
           "q1": float(q1), "q3": float(q3), "std": float(s.std())}
 
 
+# The independent unit of each metric, for confidence intervals (codajax.bootstrap).
+UNITS = {"localisation": "grids", "pixel_removal": "images"}
+
+
+def unit_values(metric: str, scores) -> np.ndarray:
+  """One value per independent unit, whose mean is the metric's headline: the
+  mean score of each grid (its n*n scores share its images; scores (G, n*n)),
+  or each image's value at the last removal point (curves (N, P))."""
+  scores = np.asarray(scores, np.float64)
+  return scores.mean(axis=1) if metric == "localisation" else scores[:, -1]
+
+
 def curve_summary(curves, fraction: float = 0.25) -> dict:
   """Of removal curves (N, P) or their mean (P,): the mean curve, its mean over
   the P points ("curve area"), the first (unperturbed) and last (at `fraction`

@@ -281,21 +281,31 @@ def eval_batches(config, info: DatasetInfo) -> Iterator[dict]:
   return _numpy(ds, config, train=False)
 
 
-def first_test_examples(config, info: DatasetInfo,
-                        n: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
-  """(images, labels) of the first `n` (None: all) test examples in the data
-  set's order, preprocessed for eval, the same on every host (not sharded)."""
+def first_test_examples(config, info: DatasetInfo, n: Optional[int] = None,
+                        seed: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+  """(images, labels) of the first `n` (None: all) test examples, preprocessed
+  for eval, the same on every host (not sharded).
+
+  seed=None: in the data set's order. An int: in the order of
+  np.random.RandomState(seed).permutation of the whole test split (after a
+  class subset), so the first n are a random sample of it; this reads the
+  whole split.
+  """
   del info  # The same signature as the other readers.
   ds = _host_dataset(config, config.test_split, False, whole=True)
   if config.class_subset:
     ds = ds.filter(lambda ex: ex["label"] < config.class_subset)
-  ds = ds.take(-1 if n is None else n).map(lambda ex: (
+  ds = ds.take(-1 if n is None or seed is not None else n).map(lambda ex: (
       preprocess(config, ex["image"], False, tf.zeros((2,), tf.int64)),
       tf.cast(ex["label"], tf.int32)), num_parallel_calls=tf.data.AUTOTUNE)
   batches = list(_numpy(ds.batch(1024), config, train=False))
   if not batches:
     raise DataError(f"config.dataset={config.dataset!r}: the test split is empty.")
-  return tuple(np.concatenate(parts) for parts in zip(*batches))
+  images, labels = (np.concatenate(parts) for parts in zip(*batches))
+  if seed is not None:
+    order = np.random.RandomState(seed).permutation(len(labels))[:n]
+    images, labels = images[order], labels[order]
+  return images, labels
 
 
 def to_global(batch: dict, sharding) -> dict:

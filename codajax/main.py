@@ -12,14 +12,84 @@ CODAJAX_DISTRIBUTED=1 (or --distributed) on multi-host TPU pods and SLURM GPU
 clusters to call jax.distributed.initialize() with the platform's defaults.
 
 Exit status: 0 done; 1 an error (one line naming the problem and the fix);
-75 (EX_TEMPFAIL) training stopped early by SIGTERM, Ctrl-C or a preemption
-notice, after saving a checkpoint: rerun the same command to resume;
-130 interrupted at once: a second Ctrl-C, or Ctrl-C in eval/explain mode.
+75 (EX_TEMPFAIL) stopped early by SIGTERM, Ctrl-C or a preemption notice, at
+the mode's next safe point (training: once the current step's checkpoint is
+committed; evaluate: once the result in flight is written; eval and explain:
+before writing anything), with one line naming the mode and what was kept:
+rerun the same command to resume; 130 interrupted at once, with one line: a
+second Ctrl-C, or Ctrl-C while starting up (the imports). Neither leaves a
+native crash or a file of a run that had not taken its first step; a save that
+a second Ctrl-C cut short is removed by the next run.
 """
 
-import logging as logging_std
 import os
+import signal
 import sys
+import threading
+
+from codajax import workdir as workdir_lib
+
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: try again (requeue) to resume.
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention.
+_checkpoints = None  # <workdir>/checkpoints, once the run starts.
+
+
+def _kept() -> str:
+  """What a run that exits at once keeps, for its one line."""
+  if _checkpoints is None:
+    return "nothing was written"
+  try:
+    steps = sorted(int(d) for d in os.listdir(_checkpoints) if d.isdigit())
+  except OSError:
+    steps = []
+  if not steps:
+    return "no checkpoint was saved"
+  return f"the checkpoints saved before (steps {steps}) are kept in {_checkpoints}"
+
+
+def _exit_at_once(signum, frame):
+  """SIGTERM or Ctrl-C outside the run's own handlers (codajax.train's
+  _stop_requests: while starting up, or a second Ctrl-C): one line, then exit
+  at once, without the interpreter's teardown (see workdir_lib.exit_at_once)."""
+  del frame
+  kept = _kept()
+  if signum == signal.SIGINT:
+    workdir_lib.exit_at_once(EXIT_INTERRUPTED, f"codajax: interrupted by Ctrl-C; {kept}.")
+  flags_ = globals().get("FLAGS")
+  during = (f"during --mode {flags_.mode}" if flags_ is not None and flags_.is_parsed()
+            else "while starting")
+  workdir_lib.exit_at_once(EXIT_PREEMPTED, f"codajax: preempted "
+                           f"({signal.Signals(signum).name}) {during}: {kept}; rerun the "
+                           "same command to resume.")
+
+
+def _watch_for_a_second_ctrl_c() -> None:
+  """Exits at the second Ctrl-C even while the main thread is inside XLA (a
+  compilation can take minutes): Python runs its handlers only between
+  bytecodes, and two signals that arrive meanwhile reach them as one. It also
+  writes each signal's number to a wakeup fd, which a thread reads here."""
+  read, write = os.pipe()
+  os.set_blocking(write, False)
+  signal.set_wakeup_fd(write)
+
+  def watch():
+    count = 0
+    while True:
+      count += os.read(read, 64).count(signal.SIGINT)
+      if count >= 2:
+        _exit_at_once(signal.SIGINT, None)
+
+  threading.Thread(target=watch, name="codajax-ctrl-c", daemon=True).start()
+
+
+# Before the heavy imports (TensorFlow, JAX: seconds), so that a signal during
+# them gives one line too.
+if __name__ == "__main__":  # Not when imported.
+  signal.signal(signal.SIGINT, _exit_at_once)
+  signal.signal(signal.SIGTERM, _exit_at_once)
+  _watch_for_a_second_ctrl_c()
+
+import logging as logging_std  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 from absl import app
 from absl import flags
@@ -36,9 +106,6 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "explain", "evaluate"], "Wh
 flags.DEFINE_bool("distributed", os.environ.get("CODAJAX_DISTRIBUTED", "") == "1",
                   "Call jax.distributed.initialize() (multi-host).")
 flags.mark_flags_as_required(["config", "workdir"])
-
-EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: try again (requeue) to resume.
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention.
 
 
 class _QuietOrbax(logging_std.Filter):
@@ -61,22 +128,20 @@ def main(argv):
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(),
                jax.process_count(), jax.devices())
   from codajax import checkpoint, input_pipeline  # pylint: disable=g-import-not-at-top
-  from codajax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  global _checkpoints
   workdir = os.path.abspath(FLAGS.workdir)
+  _checkpoints = checkpoint.directory(workdir)
   try:
     result = train.train_and_evaluate(FLAGS.config, workdir, FLAGS.mode)
   except (input_pipeline.DataError, checkpoint.CheckpointError, config_lib.ConfigError,
           workdir_lib.WorkdirError, FloatingPointError) as e:
     raise SystemExit(config_lib.one_line(e)) from None  # One clear line.
-  except KeyboardInterrupt:
-    print(f"codajax: interrupted by Ctrl-C; the checkpoints saved before are kept in "
-          f"{checkpoint.directory(workdir)}.", file=sys.stderr)
-    sys.exit(EXIT_INTERRUPTED)
+  except KeyboardInterrupt:  # Only if a library put Python's SIGINT handler back.
+    _exit_at_once(signal.SIGINT, None)
   if "preempted" in result:
     p = result["preempted"]
-    print(f"codajax: preempted ({p['signal']}) at step {p['step']}: checkpoint saved in "
-          f"{checkpoint.directory(workdir)}; rerun the same command to resume.",
-          file=sys.stderr)
+    print(f"codajax: preempted ({p['signal']}) during --mode {FLAGS.mode}: {p['kept']}; "
+          "rerun the same command to resume.", file=sys.stderr)
     sys.exit(EXIT_PREEMPTED)
   if jax.process_index() == 0:
     summary = {k: v for k, v in result.items() if k != "figures"}

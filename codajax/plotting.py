@@ -165,31 +165,51 @@ METHOD_LABELS = {"ours": "Ours", "grad": "Grad", "ixg": "IxG", "intgrad": "IntGr
                  "occ9": "Occ9", "rise": "RISE", "lime": "LIME"}
 
 
-def plot_localisation(scores: dict, path: str, n: int, **unused) -> str:
+def plot_localisation(scores: dict, path: str, n: int,
+                      intervals: Optional[dict] = None) -> str:
   """Box plots of the localisation scores per method, sorted by mean, with the
-  Oracle (1) and Uniform (1/n^2) lines, as the authors' notebook (no fliers)."""
-  del unused
+  Oracle (1) and Uniform (1/n^2) lines, as the authors' notebook (no fliers).
+  `intervals` {method: (mean, low, high)}: the mean (a diamond) and its 95% CI
+  (a bar) beside each box; low/high None draws the mean alone."""
   order = sorted(scores, key=lambda m: -np.nanmean(scores[m]))
-  fig, ax = plt.subplots(figsize=(1.1 * len(order) + 2, 3.5))
+  fig, ax = plt.subplots(figsize=(1.1 * len(order) + 2, 3.8))
   ax.boxplot([np.ravel(scores[m]) for m in order], showfliers=False, whis=1.5)
+  for i, m in enumerate(order, 1):
+    mean, low, high = (intervals or {}).get(m, (float(np.nanmean(scores[m])), None, None))
+    err = None if low is None else [[mean - low], [high - mean]]
+    ax.errorbar(i + 0.3, mean, yerr=err, fmt="D", color="k", ms=4, capsize=3, lw=1,
+                label="mean, 95% CI" if i == 1 else None)
   ax.set_xticks(range(1, len(order) + 1), [METHOD_LABELS.get(m, m) for m in order])
   ax.axhline(1.0, color="g", ls="--", lw=1, label="Oracle")
   ax.axhline(1.0 / n ** 2, color="r", ls="--", lw=1, label=f"Uniform (1/{n * n})")
   ax.set_ylim(0, 1.05)
   ax.set_ylabel(f"Localisation ({n}x{n} grids)")
-  ax.legend(loc="lower left", fontsize=8)
+  grids = {np.shape(v)[0] for v in scores.values()}
+  count = f"{grids.pop()} grids, {np.size(scores[order[0]])} scores" if len(grids) == 1 else (
+      "grids per method differ")
+  ax.set_title(f"Share of positive attribution in the target cell ({count} per method)",
+               fontsize=9)
+  ax.legend(loc="upper right", fontsize=7)
   return save(fig, path)
 
 
-def plot_pixel_removal(curves: dict, path: str, fraction: float, **unused) -> str:
-  """The mean target-class probability against the % of pixels removed."""
-  del unused
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+def plot_pixel_removal(curves: dict, path: str, fraction: float,
+                       bands: Optional[dict] = None) -> str:
+  """The mean target-class probability against the % of pixels removed, least
+  important first; `bands` {method: (low, high)}: its 95% CI per point, shaded."""
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
   for m in sorted(curves, key=lambda m: -np.mean(curves[m])):
     mean = np.asarray(curves[m]).mean(axis=0)
-    ax.plot(np.linspace(0, 100 * fraction, len(mean)), mean, label=METHOD_LABELS.get(m, m))
-  ax.set_xlabel("% of pixels removed")
-  ax.set_ylabel("Target class probability")
+    x = np.linspace(0, 100 * fraction, len(mean))
+    line, = ax.plot(x, mean, label=METHOD_LABELS.get(m, m))
+    if bands and m in bands:
+      ax.fill_between(x, *bands[m], color=line.get_color(), alpha=0.2, lw=0)
+  images = {np.shape(v)[0] for v in curves.values()}
+  count = f"{images.pop()} images" if len(images) == 1 else "images per method differ"
+  ax.set_xlabel("% of pixels removed (least important first)")
+  ax.set_ylabel("True-class probability")
+  ax.set_title(f"Pixel removal: mean over {count}" + (", 95% CI shaded" if bands else ""),
+               fontsize=9)
   ax.legend(fontsize=8)
   return save(fig, path)
 

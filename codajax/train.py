@@ -6,8 +6,10 @@ builds what every mode shares, in numbered phases: 1 config and workdir checks,
 optimizer, 5 sharding and initialisation, 6 update and eval steps (the steps
 themselves are `codajax.steps`), 7 restore. Then one function per mode runs,
 and closes the writers, the checkpoint manager and the workdir however it
-ends: `train_mode` (8, the loop), `eval_mode`, `explain_mode`. Each returns a
-`Result`. SIGTERM or Ctrl-C stops training after a save (`_stop_requests`).
+ends: `train_mode` (8, the loop), `eval_mode`, `explain_mode`, `evaluate_mode`.
+Each returns a `Result`. SIGTERM or Ctrl-C stops any mode at its next safe
+point (`_stop_requests`): training after a save, evaluate after the result in
+flight is written, eval and explain before they write anything.
 
 The same code runs on one CPU, on 8 GPUs and on multi-host TPU pods: the batch
 is sharded over a 1-D device mesh ('data'), parameters are replicated, and each
@@ -106,9 +108,11 @@ def _drop_lines_after(path: str, step: int) -> None:
 # What every mode returns: the eval metrics it computed ("eval/top1", "eval/top5",
 # "eval/loss", "eval/count"; none from "explain" or a run preempted before its
 # eval), "step": the checkpoint's step (from "eval" only), "figures": the
-# paths of the figures it wrote (a list, maybe empty), and, only from a
-# training run stopped early by SIGTERM, Ctrl-C or a preemption notice,
-# "preempted": {"step": the step saved, "signal": its name}.
+# paths of the figures it wrote (a list, maybe empty), and, only from a run
+# stopped early by SIGTERM, Ctrl-C or a preemption notice, "preempted":
+# {"signal": its name, "kept": what the run kept, for the one line the CLI
+# prints (e.g. "checkpoint of step 5 saved in W/checkpoints"), and, from
+# training, "step": the step it saved when it stopped (None: none)}.
 Result = dict
 
 
@@ -130,6 +134,7 @@ class Run:
   mngr: ocp.CheckpointManager
   log: MetricsLog
   wd: workdir_lib.Workdir
+  meta: dict = dataclasses.field(default_factory=dict)  # The restored checkpoint's meta item.
 
   def close(self):
     """Waits for pending checkpoints, closes the manager and the writers, and
@@ -170,7 +175,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") 
 
   # 3. Input. --------------------------------------------------------------
   info = input_pipeline.get_info(config)
-  config = config_lib.resolve(config, info.num_classes, jax.device_count())
+  config = config_lib.resolve(config, info.num_classes, jax.device_count(),
+                              info.num_train if mode == "train" else None)
   per_epoch = input_pipeline.steps_per_epoch(config, info)
   num_steps = (config.num_steps if config.num_steps > 0
                else max(1, int(config.num_epochs * per_epoch)))
@@ -204,6 +210,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") 
                            in_shardings=(replicated, batch_sharding), out_shardings=replicated)
 
     # 7. Restore the latest checkpoint (or an imported one), if any. ---------
+    if wd.locked:  # Saves that a killed run left unfinished, before orbax reads.
+      checkpoint.remove_unfinished(workdir)
     mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
     try:
       restored = checkpoint.restore(mngr, checkpoint.abstract(state.params),
@@ -225,20 +233,24 @@ def setup(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") 
         logging.info("Resumed from %s/%d.", mngr.directory, step)
     log = MetricsLog(workdir, resumed_at=start if mode == "train" else None, enabled=writable)
     return Run(config, workdir, info, model, per_epoch, num_steps, batch_sharding, state,
-               start, restored is not None, train_step_fn, eval_step_fn, mngr, log, wd)
+               start, restored is not None, train_step_fn, eval_step_fn, mngr, log, wd,
+               restored[3] if restored is not None else {})
   except BaseException:
     wd.close(tidy=True)
     raise
 
 
-def evaluate(run: Run, params, step: int) -> dict:
+def evaluate(run: Run, params, step: int, stops: Sequence[str] = ()) -> Optional[dict]:
   """Top-1, top-5 and BCE over the whole test split (each example once).
 
   Raises FloatingPointError, naming the step and the checkpoint directory, if
   any test example gets a NaN or inf logit: no metrics are reported then.
+  Returns None if `stops` (see `_stop_requests`) fills up before the end.
   """
   totals = None
   for batch in input_pipeline.eval_batches(run.config, run.info):
+    if stops:
+      return None
     out = run.eval_step_fn(params, input_pipeline.to_global(batch, run.batch_sharding))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.tree.map(float, jax.device_get(totals))
@@ -273,7 +285,9 @@ def train_mode(run: Run, stops: Sequence[str] = (),
   """Trains from the restored step to num_steps, evaluating and checkpointing.
 
   `stops`: filled with a signal's name when one asks the run to stop (see
-  `_stop_requests`); the run then saves the step it is at and returns.
+  `_stop_requests`); the run then saves the step it is at and returns once
+  that checkpoint is committed. Asked before its first step, or when already
+  finished, it returns before the next piece of work (nothing new is saved).
   `on_step(step, num_steps)`: called after every step and once at the
   restored step, e.g. by a notebook's progress bar.
   """
@@ -281,6 +295,8 @@ def train_mode(run: Run, stops: Sequence[str] = (),
   try:
     if jax.process_index() == 0:
       parameter_overview.log_parameter_overview(run.state.params)
+    if stops:  # During the setup: before the first step is compiled.
+      return _preempted(stops, _kept_checkpoints(run), step=None)
 
     # 8. The loop. ---------------------------------------------------------
     eval_every = config.eval_every_steps if config.eval_every_steps > 0 else per_epoch
@@ -296,10 +312,13 @@ def train_mode(run: Run, stops: Sequence[str] = (),
     for step in range(run.start + 1, num_steps + 1):
       batch = input_pipeline.to_global(next(batches), run.batch_sharding)
       state, m = run.train_step_fn(state, batch)
-      if step == run.start + 1 and run.log.primary:
-        # Once a step has run: a run that fails before leaves nothing behind.
-        with open(os.path.join(run.workdir, "config.json"), "w") as f:
-          f.write(config.to_json_best_effort(indent=2))
+      if step == run.start + 1:
+        # Once the first step has run (fetching its loss raises what it met,
+        # e.g. RESOURCE_EXHAUSTED): a run that fails before leaves nothing.
+        _check_finite(step, m["train/loss"])
+        if run.log.primary:
+          with open(os.path.join(run.workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
       if pending is not None:
         _check_finite(*pending)
       pending = (step, m["train/loss"])
@@ -333,14 +352,16 @@ def train_mode(run: Run, stops: Sequence[str] = (),
           stop = True
           _save(run, step, state, m, meta, dict(eval_metrics))
       if stop:
-        name = stops[0] if stops else "preemption notice"
-        logging.warning("Preempted (%s) at step %d: checkpoint saved; rerun the same "
-                        "command to resume.", name, step)
-        return {**eval_metrics, "figures": [], "preempted": {"step": step, "signal": name}}
+        checkpoint.wait_committed(run.mngr, step)  # "saved" only once it is.
+        kept = f"checkpoint of step {step} saved in {run.mngr.directory}"
+        logging.warning("Preempted at step %d: %s.", step, kept)
+        return {**eval_metrics, **_preempted(stops, kept, step=step)}
     if pending is not None:
       _check_finite(*pending)
     if not eval_metrics:  # Already finished: report, don't retrain.
-      eval_metrics = evaluate(run, state.params, run.start)
+      eval_metrics = evaluate(run, state.params, run.start, stops)
+    if stops or eval_metrics is None:  # Before the re-evaluation's end, or the figures.
+      return {**(eval_metrics or {}), **_preempted(stops, _kept_checkpoints(run), step=None)}
     figures = write_figures(run, state.params) if config.explain_at_end else []
     return {**eval_metrics, "figures": figures}
   finally:
@@ -356,11 +377,28 @@ def _require_checkpoint(run: Run, mode: str) -> None:
         "first, or import weights with python -m codajax.convert.")
 
 
-def eval_mode(run: Run) -> Result:
-  """Evaluates the restored (trained or imported) parameters; logs at their step."""
+def _preempted(stops: Sequence[str], kept: str, **extra) -> Result:
+  """A Result for a run that a stop request ended early, keeping `kept`."""
+  name = stops[0] if stops else "preemption notice"
+  return {"figures": [], "preempted": {"signal": name, "kept": kept, **extra}}
+
+
+def _kept_checkpoints(run: Run) -> str:
+  if run.restored:
+    return f"the checkpoint of step {run.start} is kept in {run.mngr.directory}"
+  return "nothing was written"
+
+
+def eval_mode(run: Run, stops: Sequence[str] = ()) -> Result:
+  """Evaluates the restored (trained or imported) parameters; logs at their step.
+
+  `stops` (see `_stop_requests`): checked between eval batches; nothing is
+  written then."""
   try:
     _require_checkpoint(run, "eval")
-    metrics = evaluate(run, run.state.params, run.start)
+    metrics = evaluate(run, run.state.params, run.start, stops)
+    if metrics is None:
+      return _preempted(stops, "no metrics were written")
     run.log.write(run.start, metrics)
     logging.info("Evaluated the checkpoint of step %d in %s.", run.start, run.mngr.directory)
     return {"step": run.start, **metrics, "figures": []}
@@ -368,23 +406,32 @@ def eval_mode(run: Run) -> Result:
     run.close()
 
 
-def explain_mode(run: Run) -> Result:
-  """Explanation figures of the restored parameters."""
+def explain_mode(run: Run, stops: Sequence[str] = ()) -> Result:
+  """Explanation figures of the restored parameters (none once `stops` is not
+  empty, see `_stop_requests`)."""
   try:
     _require_checkpoint(run, "explain")
+    if stops:
+      return _preempted(stops, "no figure was written")
     return {"figures": write_figures(run, run.state.params)}
   finally:
     run.close()
 
 
-def evaluate_mode(run: Run) -> Result:
+def evaluate_mode(run: Run, stops: Sequence[str] = ()) -> Result:
   """The interpretability evaluation of the restored parameters, into
-  <workdir>/evaluation/ (`codajax.interpretability`)."""
+  <workdir>/evaluation/ (`codajax.interpretability`); `stops` (see
+  `_stop_requests`) ends it once the result in flight is written."""
   try:
     _require_checkpoint(run, "evaluate")
+    out_dir = os.path.join(run.workdir, "evaluation")
     result = interpretability.evaluate(
         run.model, {"params": run.state.params}, run.config, run.info, run.start,
-        os.path.join(run.workdir, "evaluation"), run.batch_sharding)
+        out_dir, run.batch_sharding, meta=run.meta, stops=stops)
+    if "preempted" in result:
+      kept = result["preempted"]["kept"]
+      result["preempted"]["kept"] = (f"kept {', '.join(kept)} in {out_dir}" if kept
+                                     else f"no result was finished in {out_dir}")
     return {"step": run.start, **result}
   finally:
     run.close()
@@ -407,26 +454,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   if mode not in MODES:  # Before reading any data or building anything.
     raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}.")
-  if mode == "train":
-    with _stop_requests() as stops:
-      return train_mode(setup(config, workdir, mode), stops, on_step)
-  return MODES[mode](setup(config, workdir, mode))
+  with _stop_requests() as stops:
+    run = setup(config, workdir, mode)
+    if mode == "train":
+      return train_mode(run, stops, on_step)
+    return MODES[mode](run, stops)
 
 
 @contextlib.contextmanager
 def _stop_requests():
-  """SIGTERM and Ctrl-C (SIGINT) ask a training run to save and stop after its
-  current step (a second Ctrl-C interrupts at once); yields the list of their
-  names. Only in a single process's main thread: multi-host runs stop on
-  JAX's preemption notice (`reached_preemption`)."""
+  """SIGTERM and Ctrl-C (SIGINT) ask the run to stop at its next safe point
+  (see each mode); yields the list of their names. A second Ctrl-C
+  interrupts at once: it goes to the SIGINT handler from before the run
+  (Python's raises KeyboardInterrupt; the CLI's exits at once, see
+  codajax.main). Only in a single process's main thread: multi-host runs stop
+  on JAX's preemption notice (`reached_preemption`)."""
   stops = []
   if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
     yield stops
     return
 
   def request_stop(signum, frame):
-    del frame
     if signum == signal.SIGINT and "SIGINT" in stops:
+      outer = previous[signal.SIGINT]
+      if callable(outer):
+        outer(signum, frame)
       raise KeyboardInterrupt
     stops.append(signal.Signals(signum).name)
 

@@ -9,6 +9,11 @@ crash. The file names the holder for the one line a second run prints.
 file, an empty `checkpoints/`, the directory itself if this run made it),
 for a run that failed before its first step. Only empty directories are
 ever removed (`os.rmdir`), so no data or checkpoint can be lost.
+
+`exit_at_once(status, line)` ends the process at once (a second Ctrl-C, or a
+signal before the run started): it closes and tidies the open workdirs, prints
+its one line and leaves with `os._exit`, so that no thread of XLA, TensorFlow
+or Orbax runs during the interpreter's teardown (that crashed natively).
 """
 
 import datetime
@@ -18,9 +23,12 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 from typing import Optional
 
 LOCK_FILE = ".codajax.lock"
+_OPEN = []  # The open Workdirs of this process, for exit_at_once.
+_EXITING = threading.Lock()  # Held by the exit_at_once that ends the process.
 
 
 class WorkdirError(RuntimeError):
@@ -108,6 +116,12 @@ class Workdir:
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps(holder).encode())
     self._fd = fd
+    _OPEN.append(self)
+
+  @property
+  def locked(self) -> bool:
+    """Whether this run holds the workdir's lock (`open` succeeded)."""
+    return self._fd is not None
 
   def close(self, tidy: bool = False) -> None:
     """Releases the lock; `tidy`: also removes what this run created empty."""
@@ -115,6 +129,7 @@ class Workdir:
       os.unlink(os.path.join(self.path, LOCK_FILE))  # Before unlocking (see `open`).
       os.close(self._fd)
       self._fd = None
+      _OPEN.remove(self)
     if tidy and self._opened:
       self._tidy()
 
@@ -126,6 +141,27 @@ class Workdir:
         os.rmdir(d)  # Only ever removes an empty directory.
       except OSError:
         pass
+
+
+def exit_at_once(status: int, line: str) -> None:
+  """Ends the process now with `status` and one line on stderr (see the module
+  docstring). A save in flight stays a temporary folder, which the next run
+  removes (`checkpoint.remove_unfinished`). Thread-safe: the first caller
+  exits, a second one waits for that."""
+  if not _EXITING.acquire(blocking=False):
+    threading.Event().wait()  # Forever: the first caller ends the process.
+  for wd in list(_OPEN):
+    try:
+      wd.close(tidy=True)
+    except OSError:
+      pass  # Exiting anyway: the operating system releases the lock.
+  try:
+    sys.stdout.flush()
+    sys.stderr.flush()
+  except (OSError, RuntimeError, ValueError):
+    pass  # E.g. a reentrant flush, when the signal came in the middle of a write.
+  os.write(2, (line + "\n").encode(errors="replace"))
+  os._exit(status)  # pylint: disable=protected-access
 
 
 def _describe(holder: str) -> str:

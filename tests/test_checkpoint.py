@@ -235,3 +235,25 @@ def test_training_resumes_from_an_old_checkpoint(old_main):
     steps = [r["step"] for r in map(json.loads, f) if "train/loss" in r]
   assert steps[-2:] == [6, 8]  # The copied log, then step 8 after the resume.
   assert checkpoint_steps(workdir) == [6, 8]
+
+
+def test_unfinished_saves_are_removed_in_one_line_and_committed_ones_kept(tmp_path, caplog):
+  """Issue 17, item 5: a run killed while saving left <step>.orbax-checkpoint-tmp
+  for good; the next run (holding the lock) removes it before orbax reads."""
+  workdir = str(tmp_path)
+  _save_two(workdir)
+  ckpts = checkpoint.directory(workdir)
+  unfinished = [os.path.join(ckpts, "3.orbax-checkpoint-tmp"),
+                os.path.join(ckpts, "4.orbax-checkpoint-tmp-1765000000")]
+  for path in unfinished:
+    os.makedirs(os.path.join(path, "params"))
+  with caplog.at_level(logging.WARNING):
+    assert checkpoint.remove_unfinished(workdir) == unfinished
+  assert checkpoint_steps(workdir) == [1, 2] and sorted(os.listdir(ckpts)) == ["1", "2"]
+  assert [r.getMessage() for r in caplog.records] == [
+      f"Removed 2 unfinished checkpoint(s) of an interrupted run: {', '.join(unfinished)}"]
+  mngr = checkpoint.manager(workdir)
+  checkpoint.wait_committed(mngr, 2)
+  with pytest.raises(checkpoint.CheckpointError, match="step 3 was not committed"):
+    checkpoint.wait_committed(mngr, 3)
+  mngr.close()

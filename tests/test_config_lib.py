@@ -280,6 +280,15 @@ def override(*args):
     (["--config.evaluation.order=random"], "config.evaluation.order='random': use one of "
                                            "('least', 'most')."),
     (["--config.evaluation.fill=grey"], "config.evaluation.fill='grey': use one of"),
+    (["--config.evaluation.methods=('GradCAM','IxG')"], "config.evaluation.methods=("
+     "'GradCAM', 'IxG'): must be a non-empty sequence of ('ours', 'grad', 'ixg', 'intgrad', "
+     "'deeplift', 'gradcam', 'occ5', 'occ9', 'rise', 'lime'). Did you mean 'gradcam' for "
+     "'GradCAM', 'ixg' for 'IxG'?"),
+    (["--config.evaluation.metrics=('pixel_remova',)"], "config.evaluation.metrics=("
+     "'pixel_remova',): must be a non-empty sequence of ('localisation', 'pixel_removal'). "
+     "Did you mean 'pixel_removal' for 'pixel_remova'?"),
+    (["--config.evaluation.image_order=random"], "config.evaluation.image_order='random': "
+     "use one of ('auto', 'dataset', 'shuffled')"),
     (["--config.evaluation.options.rise.num_mask=5"], None),
 ])
 def test_validate_names_the_field_and_the_fix(args, message):
@@ -322,6 +331,32 @@ def test_known_values_agree_with_the_modules():
   for schedule in config_lib.LR_SCHEDULES:  # steps knows every one.
     c.lr_schedule = schedule
     steps.learning_rate_fn(config_lib.resolve(c, 10, 8), 10.0, 100)
+
+
+@pytest.mark.parametrize("name, variant, order", [
+    ("cifar10", None, "dataset"), ("cifar10", "9L-S-CoDA-SQ-10,tiny", "dataset"),
+    ("imagenet100", None, "dataset"), ("digits", None, "shuffled"),
+    ("fashion_mnist", None, "shuffled"), ("fashion_mnist", "tfds", "shuffled"),
+    ("image_folder", None, "shuffled")])
+def test_auto_image_order_keeps_only_the_authors_orders(name, variant, order):
+  """The evaluation sees CIFAR-10 and ImageNet in the order the authors did;
+  every other test split (maybe class by class) in a seeded shuffle."""
+  config = FILES[name].get_config(variant)
+  assert config.evaluation.image_order == "auto"
+  assert config_lib.image_order(config) == order
+  for fixed in ("dataset", "shuffled"):
+    config.evaluation.image_order = fixed
+    assert config_lib.image_order(config) == fixed
+
+
+@pytest.mark.parametrize("dataset, order", [
+    ("tfds:cifar10:3.0.2", "dataset"), ("tfds:imagenet2012_subset/10pct", "dataset"),
+    ("tfds:imagenet2012/5.1.0", "dataset"),
+    ("tfds:cifar100", "shuffled"), ("tfds:imagenette", "shuffled"), ("idx", "shuffled")])
+def test_auto_image_order_by_tfds_name(dataset, order):
+  config = digits.get_config()
+  config.dataset = dataset
+  assert config_lib.image_order(config) == order
 
 
 @pytest.mark.parametrize("name, bad", [("digits", "typo"), ("image_folder", "big"),

@@ -180,6 +180,24 @@ def test_eval_tfds_covers_every_test_example_once(toy_dir):
   assert sum(float(b["mask"].sum()) for b in batches) == 13
 
 
+def test_first_test_examples_in_a_seeded_order(toy_dir):
+  """seed=None: the data set's order; a seed: the first n of a seeded permutation
+  of the whole test split (codajax_toy's pixels are the example ids)."""
+  config = toy_config(toy_dir)
+  info = input_pipeline.get_info(config)
+
+  def ids(images):
+    return list(np.round(images[:, 0, 0, 0] * 255).astype(int))
+  read = ids(input_pipeline.first_test_examples(config, info)[0])
+  assert sorted(read) == list(TOY_TEST)
+  assert ids(input_pipeline.first_test_examples(config, info, 5)[0]) == read[:5]
+  want = [read[k] for k in np.random.RandomState(7).permutation(len(read))]
+  assert want[:5] != read[:5]
+  images, labels = input_pipeline.first_test_examples(config, info, 5, seed=7)
+  assert ids(images) == want[:5] and list(labels) == [i % 3 for i in want[:5]]
+  assert ids(input_pipeline.first_test_examples(config, info, seed=7)[0]) == want
+
+
 @pytest.mark.parametrize("source", ["digits", "tfds"])
 def test_hosts_split_the_data_disjointly(source, toy_dir, monkeypatch):
   """Two simulated hosts: same eval step count, disjoint eval examples whose

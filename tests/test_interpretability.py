@@ -1,15 +1,23 @@
 """--mode evaluate end to end on the digits config (codajax.interpretability)."""
 
 import json
+import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from codajax import attribution
+from codajax import bootstrap
 from codajax import config_lib
+from codajax import input_pipeline
+from codajax import interpretability
+from codajax import plotting
 from codajax import train
 from configs import digits as digits_config
+from configs import image_folder as image_folder_config
 
 METHODS = ("ours", "ixg", "occ5")
 
@@ -97,6 +105,9 @@ def test_evaluate_writes_scores_summaries_and_figures_and_resumes(trained, monke
     np.testing.assert_allclose(removal["curve_mean"], curves.mean(), rtol=1e-6)
     assert removal["last"] == result[f"pixel_removal/{method}"]
     assert removal["settings"]["metric"]["fill"] == "encoded_zero"
+    for line in (loc, removal):  # Digits come in no known order: a seeded shuffle.
+      assert line["data"]["image_order"] == "shuffled" and line["data"]["image_seed"] == 42
+      assert line["checkpoint"]["step"] == 40 and len(line["checkpoint"]["params"]) == 64
   # Unperturbed, every method starts from the same probabilities.
   first = [np.load(os.path.join(out, "pixel_removal", f"{m}.npy"))[:, 0] for m in METHODS]
   np.testing.assert_array_equal(first[0], first[1])
@@ -133,3 +144,202 @@ def test_pixel_removal_alone_draws_only_its_figure(trained):
                                     trained, mode="evaluate")
   assert [os.path.basename(p) for p in result["figures"]] == ["pixel_removal.png"]
   assert set(result) == {"step", "pixel_removal/ours", "figures"}
+
+
+# ------------------------------------------- results that cannot be trusted
+
+TWO = ("ours", "ixg")
+
+
+def copy_checkpoints(trained, workdir):
+  """A workdir holding only the trained checkpoints (no evaluation yet)."""
+  shutil.copytree(os.path.join(trained, "checkpoints"), os.path.join(workdir, "checkpoints"))
+  return str(workdir)
+
+
+def scores_of(workdir, methods=TWO):
+  """{(metric, method, suffix): the stored array} of every result file."""
+  out = os.path.join(workdir, "evaluation")
+  return {(metric, m, suffix): np.load(os.path.join(out, metric, f"{m}{suffix}.npy"))
+          for metric in config_lib.METRICS for m in methods
+          for suffix in ("", "_maps") if metric == "localisation" or not suffix}
+
+
+def warnings_of(caplog):
+  return [r.getMessage() for r in caplog.records
+          if r.levelno >= logging.WARNING and r.getMessage().startswith("evaluate:")]
+
+
+def headlines(result):
+  return {k: v for k, v in result.items() if k != "figures"}
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained, tmp_path_factory):
+  """A workdir with the trained checkpoints, evaluated for ours and ixg."""
+  workdir = copy_checkpoints(trained, tmp_path_factory.mktemp("evaluated"))
+  result = train.train_and_evaluate(digits_evaluation(methods=TWO), workdir, mode="evaluate")
+  return workdir, result
+
+
+def test_a_changed_model_recomputes_every_result(evaluated, tmp_path, monkeypatch, caplog):
+  """Stored scores hold only for the model they were computed with: with another
+  temperature every result is recomputed, as a fresh evaluation computes it."""
+  workdir = str(tmp_path / "changed")
+  shutil.copytree(evaluated[0], workdir)
+  config = digits_evaluation(methods=TWO)
+  config.model.temperature = 5.0  # The tiny digits net has 10.
+  calls = count_calls(monkeypatch)
+  caplog.set_level(logging.INFO)
+  changed = train.train_and_evaluate(config, workdir, mode="evaluate")
+  assert calls == {"ours": 3, "ixg": 3}  # 1 call of 4 grids, 2 of 4 images each.
+  stale = warnings_of(caplog)
+  assert len(stale) == 4 and all(
+      "stored result is stale (model.temperature 10.0 -> 5.0); recomputing." in w
+      for w in stale), stale
+  for metric in config_lib.METRICS:
+    assert stored(workdir, metric, "ours")["model"]["temperature"] == 5.0
+  monkeypatch.undo()
+
+  fresh_dir = copy_checkpoints(evaluated[0], tmp_path / "fresh")
+  fresh = train.train_and_evaluate(config, fresh_dir, mode="evaluate")
+  assert headlines(changed) == headlines(fresh)
+  want = scores_of(fresh_dir)
+  for key, got in scores_of(workdir).items():
+    np.testing.assert_array_equal(got, want[key], err_msg=str(key))
+  # The removal curves do change with the temperature (localisation need not).
+  assert changed["pixel_removal/ours"] != evaluated[1]["pixel_removal/ours"]
+
+
+def test_missing_or_damaged_files_are_recomputed(evaluated, tmp_path, monkeypatch, caplog):
+  """A result is done only when its files agree with its summary line; any
+  other is recomputed after one warning naming the file, and drawn."""
+  workdir = str(tmp_path / "damaged")
+  shutil.copytree(evaluated[0], workdir)
+  out = os.path.join(workdir, "evaluation")
+  before = scores_of(workdir)
+  os.remove(os.path.join(out, "localisation", "ixg.npy"))
+  with open(os.path.join(out, "localisation", "ours_maps.npy"), "r+b") as f:
+    f.truncate(os.path.getsize(f.name) // 2)  # Mid-data.
+  with open(os.path.join(out, "pixel_removal", "ours.npy"), "r+b") as f:
+    f.truncate(20)  # In the header.
+  np.save(os.path.join(out, "pixel_removal", "ixg.npy"),  # Readable, but not the scores.
+          np.zeros_like(before["pixel_removal", "ixg", ""]))
+  calls = count_calls(monkeypatch)
+  drawn = {}
+  draw = plotting.plot_localisation
+  monkeypatch.setattr(plotting, "plot_localisation",
+                      lambda scores, *a, **k: drawn.update(scores) or draw(scores, *a, **k))
+  caplog.set_level(logging.INFO)
+  result = train.train_and_evaluate(digits_evaluation(methods=TWO), workdir, mode="evaluate")
+  assert calls == {"ours": 3, "ixg": 3}  # Every result, each once.
+  warned = warnings_of(caplog)
+  assert len(warned) == 4, warned
+  for name in ("localisation/ixg.npy is missing;", "localisation/ours_maps.npy is damaged (",
+               "pixel_removal/ours.npy is damaged (", "pixel_removal/ixg.npy is damaged (its "
+               "sha256 differs from its summary's)"):
+    assert sum(w.startswith(f"evaluate: {out}/{name}") for w in warned) == 1, (name, warned)
+  assert all(w.endswith("; recomputing it.") and "\n" not in w for w in warned)
+  assert set(drawn) == set(TWO)
+  for key, got in scores_of(workdir).items():
+    np.testing.assert_array_equal(got, before[key], err_msg=str(key))
+  assert headlines(result) == headlines(evaluated[1])
+  for metric in config_lib.METRICS:  # Done again: the files agree with the line.
+    line = stored(workdir, metric, "ixg")
+    record = {k: line[k] for k in ("checkpoint", "model", "data", "settings")}
+    done, why = interpretability.stored_result(out, metric, "ixg", record)
+    assert why is None and done.line["files"]["ixg.npy"]["count"] == done.scores.size
+
+
+def test_a_stop_request_ends_after_the_result_in_flight(evaluated, tmp_path, monkeypatch):
+  """`stops` filled while ixg's localisation runs: that result is written
+  whole, nothing after it runs, and the rerun computes only the rest."""
+  workdir = copy_checkpoints(evaluated[0], tmp_path / "stopped")
+  out = os.path.join(workdir, "evaluation")
+  stops, calls = [], []
+  original = attribution.attribute
+
+  def attribute(method, *args, **kw):
+    calls.append(method)
+    if method == "ixg":
+      stops.append("SIGTERM")
+    return original(method, *args, **kw)
+  monkeypatch.setattr(attribution, "attribute", attribute)
+  run = train.setup(digits_evaluation(methods=TWO), workdir, "evaluate")
+  try:
+    result = interpretability.evaluate(run.model, {"params": run.state.params}, run.config,
+                                       run.info, run.start, out, run.batch_sharding,
+                                       meta=run.meta, stops=stops)
+  finally:
+    run.close()
+  assert calls == ["ours", "ixg"]  # One call of 4 grids each; no pixel removal.
+  assert result["preempted"] == {"signal": "SIGTERM",
+                                 "kept": ["localisation/ours", "localisation/ixg"]}
+  assert result["figures"] == [] and set(result) == {
+      "localisation/ours", "localisation/ixg", "figures", "preempted"}
+  assert not os.path.exists(os.path.join(out, "pixel_removal"))
+  assert sorted(os.listdir(os.path.join(out, "localisation"))) == [
+      "ixg.json", "ixg.npy", "ixg_maps.npy", "ours.json", "ours.npy", "ours_maps.npy"]
+  monkeypatch.undo()
+  counted = count_calls(monkeypatch)
+  again = train.train_and_evaluate(digits_evaluation(methods=TWO), workdir, mode="evaluate")
+  assert counted == {"ours": 2, "ixg": 2}  # Pixel removal only.
+  assert headlines(again) == headlines(evaluated[1])
+
+
+def test_class_sorted_test_images_are_shuffled(tmp_path):
+  """An image folder's test split comes class by class: the images both metrics
+  see first are a seeded shuffle of it, unless image_order='dataset'."""
+  for split, per_class in (("train", 1), ("test", 6)):
+    for c, color in enumerate(((255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 9, 9))):
+      folder = tmp_path / split / f"class{c}"
+      folder.mkdir(parents=True)
+      for i in range(per_class):
+        image = np.broadcast_to(np.array(color, np.uint8), (8, 8, 3))
+        (folder / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
+  config = image_folder_config.get_config("tiny")
+  config.update(data_dir=str(tmp_path), image_size=8)
+  config.evaluation.num_images = 6
+  info = input_pipeline.get_info(config)
+  assert config_lib.image_order(config) == "shuffled"
+  images, labels = interpretability.evaluation_images(config, info)
+  assert set(labels[:6]) == {0, 1, 2, 3}  # The first num_images cover every class.
+  assert sorted(labels) == [0] * 6 + [1] * 6 + [2] * 6 + [3] * 6  # The whole split ...
+  again = interpretability.evaluation_images(config, info)  # ... in a seeded order.
+  np.testing.assert_array_equal(again[1], labels)
+  np.testing.assert_array_equal(again[0], images)
+  assert interpretability.data_record(config)["image_seed"] == 42
+  config.evaluation.image_order = "dataset"  # As read: one class after another.
+  np.testing.assert_array_equal(interpretability.evaluation_images(config, info)[1][:6], [0] * 6)
+  assert interpretability.data_record(config)["image_seed"] is None
+
+
+def test_summary_holds_the_bootstrap_intervals_and_paired_differences(evaluated):
+  """evaluation/summary.json, checked against a direct computation: the mean of
+  each method with its CI over whole grids (localisation) or images (pixel
+  removal), and ours - ixg on the same grids and images."""
+  workdir, _ = evaluated
+  e = digits_evaluation(methods=TWO).evaluation
+  with open(os.path.join(workdir, "evaluation", "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["bootstrap"] == {
+      "resamples": e.bootstrap_resamples, "seed": e.bootstrap_seed, "confidence": 0.95,
+      "units": {"localisation": "grids", "pixel_removal": "images"}}
+  opts = dict(num_resamples=e.bootstrap_resamples, seed=e.bootstrap_seed)
+  scores = scores_of(workdir)
+  units = {("localisation", m): scores["localisation", m, ""].mean(axis=1) for m in TWO}
+  units.update({("pixel_removal", m): scores["pixel_removal", m, ""][:, -1] for m in TWO})
+  for (metric, method), v in units.items():
+    assert len(v) == (4 if metric == "localisation" else 8)  # Grids; images.
+    got = summary[metric]["methods"][method]
+    want = bootstrap.mean_interval(v, **opts)
+    assert got == {"mean": pytest.approx(want.mean), "low": pytest.approx(want.low),
+                   "high": pytest.approx(want.high), "n": len(v)}
+    assert got["mean"] == pytest.approx(stored(workdir, metric, method)["headline"])
+    diff, share = bootstrap.paired_difference(units[metric, "ours"], v, **opts)
+    if method == "ours":
+      assert method not in summary[metric].get("ours_minus", {})
+      continue
+    assert summary[metric]["ours_minus"][method] == {
+        "mean": pytest.approx(diff.mean), "low": pytest.approx(diff.low),
+        "high": pytest.approx(diff.high), "share_ours_higher": share, "n": len(v)}

@@ -3,12 +3,15 @@ variant, override or field value gives one line, `codajax: ConfigError: ...`,
 on stderr, a non-zero exit status, no traceback, and leaves no workdir behind.
 
 The config is checked while the flags are parsed, before TF or JAX is imported,
-so each of these runs takes about a second.
+so each of these runs takes about a second. So do the runs that get a signal
+while TF is imported: one line, no traceback.
 """
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -103,3 +106,36 @@ def test_prepare_gives_the_same_lines(tmp_path):
   assert run_cli(tmp_path, "--config.modle.ranks=(1,)", module="codajax.prepare") == [
       "codajax: ConfigError: --config.modle.ranks: the config has no field 'modle'. "
       "Did you mean \"model\" instead of \"modle\"?"]
+
+
+def loads_tensorflow(pid):
+  with open(f"/proc/{pid}/maps") as f:
+    return "tensorflow" in f.read()
+
+
+@pytest.mark.parametrize("module, sig, status, line", [
+    ("codajax.main", signal.SIGINT, 130, "codajax: interrupted by Ctrl-C; nothing was written."),
+    ("codajax.main", signal.SIGTERM, 75, "codajax: preempted (SIGTERM) during --mode train: "
+     "nothing was written; rerun the same command to resume."),
+    ("codajax.prepare", signal.SIGINT, 130, "codajax: prepare interrupted by Ctrl-C; rerun "
+     "the same command to prepare the data."),
+], ids=["main-SIGINT", "main-SIGTERM", "prepare-SIGINT"])
+def test_a_signal_during_the_imports_is_one_line(tmp_path, module, sig, status, line):
+  """Issue 17, item 8: Ctrl-C while TensorFlow and JAX were imported gave a
+  40-line KeyboardInterrupt traceback (SIGTERM: status 143 and no word)."""
+  workdir = tmp_path / "w"
+  argv = [sys.executable, "-m", module, "--config=configs/digits.py:tiny"]
+  argv += [f"--workdir={workdir}"] if module == "codajax.main" else []
+  env = dict(os.environ, XLA_FLAGS="", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
+  proc = subprocess.Popen(argv, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+  deadline = time.time() + 60
+  while not loads_tensorflow(proc.pid):  # Seconds of imports are left then.
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+    time.sleep(0.02)
+  proc.send_signal(sig)
+  out, err = proc.communicate(timeout=60)
+  assert proc.returncode == status, err[-3000:]
+  assert "Traceback" not in err, err[-3000:]
+  assert err.strip().splitlines()[-1] == line
+  assert not workdir.exists()

@@ -7,10 +7,13 @@ uninterrupted) compare parameters, so each can
 fail on a wrong data order, RNG, reduction or optimizer count.
 """
 
+import asyncio
 import contextlib
 import glob
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,6 +26,7 @@ import jax
 from jax.experimental.compilation_cache import compilation_cache
 import jax.numpy as jnp
 import numpy as np
+from orbax.checkpoint._src.path import atomicity
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -484,8 +488,8 @@ def test_a_stop_signal_saves_exits_75_with_one_line_and_the_rerun_resumes(
   assert proc.returncode == 75, err[-5000:]
   assert "train done" not in out
   assert err.splitlines()[-1] == (
-      f"codajax: preempted ({sig.name}) at step {stopped}: checkpoint saved in "
-      f"{checkpoint.directory(workdir)}; rerun the same command to resume.")
+      f"codajax: preempted ({sig.name}) during --mode train: checkpoint of step {stopped} "
+      f"saved in {checkpoint.directory(workdir)}; rerun the same command to resume.")
   assert stopped < 100000
   assert checkpoint_steps(workdir) == [stopped]
   assert not os.path.exists(os.path.join(workdir, ".codajax.lock"))  # Released.
@@ -497,7 +501,180 @@ def test_a_stop_signal_saves_exits_75_with_one_line_and_the_rerun_resumes(
   assert result["eval/count"] == DIGITS_TEST
 
 
+def cli(workdir, *flags, stderr, mode="train", cache_dir):
+  """`python -m codajax.main` on digits:tiny with FAST_DIGITS, started."""
+  flags = [f"--config.{k}={v}" for k, v in FAST_DIGITS.items()] + list(flags)
+  return subprocess.Popen(
+      [sys.executable, "-m", "codajax.main", f"--config={ROOT}/configs/digits.py:tiny",
+       f"--workdir={workdir}", f"--mode={mode}", *flags], cwd=ROOT,
+      env=subprocess_env(8, cache_dir), text=True, stdout=subprocess.PIPE, stderr=stderr)
+
+
+def wait_for(proc, ready, what):
+  deadline = time.time() + 240
+  while not ready():
+    if proc.poll() is not None or time.time() > deadline:
+      proc.kill()
+      pytest.fail(f"{what} never happened (status {proc.wait()})")
+    time.sleep(0.1)
+
+
+def finish(proc):
+  """(stdout, stderr) of a run that a signal should end soon."""
+  try:
+    return proc.communicate(timeout=120)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    pytest.fail("the signal did not stop the run:\n" + str(proc.communicate()[1])[-5000:])
+
+
+def test_a_second_ctrl_c_exits_130_at_once_with_one_line(tmp_path, xla_cache):
+  """Issue 17, item 5: two Ctrl-C during the setup or compilation ended with
+  `Fatal Python error: Segmentation fault` (the interpreter's teardown while
+  XLA and TensorFlow threads ran). Now: status 130, one line, nothing left."""
+  workdir, log = tmp_path / "run", tmp_path / "stderr"
+  with open(log, "w") as stderr:
+    proc = cli(workdir, "--config.num_steps=100000", stderr=stderr, cache_dir=xla_cache)
+    wait_for(proc, lambda: "JAX process" in log.read_text(), "the setup")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    finish(proc)
+  err = log.read_text()
+  assert proc.returncode == 130, err[-3000:]
+  assert "Fatal Python error" not in err and "Traceback" not in err, err[-3000:]
+  assert re.fullmatch(r"codajax: interrupted by Ctrl-C; (no checkpoint was saved|nothing "
+                      r"was written)\.", err.splitlines()[-1]), err[-3000:]
+  assert not workdir.exists()  # Nor its lock file: it had not taken a step.
+
+
+def test_saved_is_said_once_committed_and_a_save_cut_short_is_removed(
+    tmp_path, monkeypatch, caplog):
+  """Issue 17, item 5: "checkpoint saved" was logged while orbax still wrote the
+  step, and a second Ctrl-C then left <step>.orbax-checkpoint-tmp for good."""
+  commit = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def slow_commit(self):  # The rename of a save's temporary folder.
+    await asyncio.sleep(1.0)
+    return await commit(self)
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", slow_commit)
+  workdir, committed = str(tmp_path), []
+
+  class WhenLogged(logging.Handler):
+    def emit(self, record):
+      if "Preempted" in record.getMessage():
+        committed.append(checkpoint_steps(workdir))
+  watch = WhenLogged()
+  logging.getLogger().addHandler(watch)
+  preempt_at(monkeypatch, 2)
+  try:
+    result = train.train_and_evaluate(digits(num_steps=4), workdir)
+  finally:
+    logging.getLogger().removeHandler(watch)
+  assert committed == [[2]]
+  assert result["preempted"]["kept"] == (
+      f"checkpoint of step 2 saved in {checkpoint.directory(workdir)}")
+  monkeypatch.undo()
+
+  unfinished = os.path.join(checkpoint.directory(workdir), "3.orbax-checkpoint-tmp")
+  os.makedirs(os.path.join(unfinished, "params"))  # As a second Ctrl-C leaves it.
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(digits(num_steps=3), workdir)
+  assert sorted(os.listdir(checkpoint.directory(workdir))) == ["2", "3"]
+  assert [r.getMessage() for r in caplog.records if "unfinished" in r.getMessage()] == [
+      f"Removed 1 unfinished checkpoint(s) of an interrupted run: {unfinished}"]
+
+
+def test_every_mode_stops_at_its_next_safe_point(tmp_path):
+  """Issue 17, item 6: only the training loop heeded SIGTERM or Ctrl-C. Each
+  mode, asked to stop (`stops`, as `_stop_requests` fills it) before its work,
+  returns at once, says what it kept, and writes nothing."""
+  workdir = str(tmp_path / "run")
+  config = digits(num_steps=2)
+  config.evaluation.update(metrics=("pixel_removal",), methods=("ours",), num_images=8)
+  fresh = train.train_mode(train.setup(config, workdir), ["SIGTERM"])
+  assert fresh == {"figures": [], "preempted": {
+      "signal": "SIGTERM", "kept": "nothing was written", "step": None}}
+  assert not os.path.exists(workdir)  # No step was compiled nor run.
+
+  train.train_and_evaluate(config, workdir)
+  files, lines = sorted(os.listdir(workdir)), records(workdir)
+  config.explain_at_end = True
+  kept = {"train": f"the checkpoint of step 2 is kept in {checkpoint.directory(workdir)}",
+          "eval": "no metrics were written", "explain": "no figure was written",
+          "evaluate": f"no result was finished in {workdir}/evaluation"}
+  for mode, what in kept.items():
+    result = train.MODES[mode](train.setup(config, workdir, mode), ["SIGINT"])
+    assert result["preempted"]["signal"] == "SIGINT"
+    assert result["preempted"]["kept"] == what
+    assert result["figures"] == []
+  assert sorted(os.listdir(workdir)) == files  # No figure, no evaluation/.
+  assert records(workdir) == lines
+
+
+@pytest.mark.parametrize("mode", ["evaluate", "train"])
+def test_sigterm_stops_evaluate_and_a_finished_run_with_exit_75_and_one_line(
+    tmp_path, xla_cache, mode):
+  """Issue 17, item 6: --mode evaluate died with status 143 and printed nothing;
+  the rerun of a finished workdir (which only re-evaluates) ignored SIGTERM.
+  Here it comes during the setup (the workdir is locked): the run stops
+  before its first piece of work. (After a result: test_interpretability.)"""
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(digits(num_steps=2), str(workdir))
+  proc = cli(workdir, "--config.num_steps=2", "--config.evaluation.methods=('ours',)",
+             mode=mode, stderr=subprocess.PIPE, cache_dir=xla_cache)
+  wait_for(proc, lambda: os.path.exists(workdir / ".codajax.lock"), "the setup")
+  proc.send_signal(signal.SIGTERM)
+  out, err = finish(proc)
+  assert proc.returncode == 75, err[-3000:]
+  assert "done" not in out
+  kept = {"evaluate": f"no result was finished in {workdir}/evaluation",
+          "train": f"the checkpoint of step 2 is kept in {checkpoint.directory(str(workdir))}"}
+  assert err.splitlines()[-1] == (f"codajax: preempted (SIGTERM) during --mode {mode}: "
+                                  f"{kept[mode]}; rerun the same command to resume.")
+  events = [os.path.basename(p) for p in glob.glob(str(workdir / "events.out.tfevents.*"))]
+  assert sorted(os.listdir(workdir)) == sorted(  # No figure, no evaluation/.
+      ["checkpoints", "config.json", "metrics.jsonl", *events])
+
+
 # ---------------------------------------------------------------- bad input
+
+
+def test_a_batch_larger_than_the_training_split_is_one_line_before_any_work(tmp_path):
+  """Issue 17, item 7: --config.batch_size=100000 ran for 66 s, then died with a
+  30-line RESOURCE_EXHAUSTED traceback, leaving config.json behind."""
+  workdir = tmp_path / "run"
+  with pytest.raises(config_lib.ConfigError) as e:
+    train.train_and_evaluate(digits(batch_size=1440, num_steps=1), str(workdir))
+  assert str(e.value) == ("config.batch_size=1440 exceeds the 1438 training examples of "
+                          "digits; use at most 1438.")
+  assert not workdir.exists()
+
+
+def test_a_first_step_failing_when_it_runs_leaves_nothing_behind(tmp_path, monkeypatch):
+  """Issue 17, item 7: config.json was written once the first step was
+  dispatched, so an error that surfaces when it runs (RESOURCE_EXHAUSTED,
+  raised where its result is fetched) left it behind."""
+  class Exhausted:  # A loss whose computation fails when it is fetched.
+    def __float__(self):
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory")
+
+    def __array__(self, *args, **kwargs):
+      return float(self)
+
+  original = train.setup
+
+  def setup(*args, **kwargs):
+    run = original(*args, **kwargs)
+    step = run.train_step_fn
+    run.train_step_fn = lambda state, batch: (step(state, batch)[0],
+                                              {"train/loss": Exhausted()})
+    return run
+  monkeypatch.setattr(train, "setup", setup)
+  workdir = tmp_path / "run"
+  with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+    train.train_and_evaluate(digits(num_steps=2), str(workdir))
+  assert not workdir.exists()
 
 
 def test_non_finite_loss_names_the_step_and_is_never_checkpointed(tmp_path, monkeypatch):

@@ -117,3 +117,24 @@ def test_a_read_only_checkpoint_directory_is_not_writable(tmp_path):
     assert "Permission denied" in new(tmp_path).writable()
   finally:
     os.chmod(tmp_path / "checkpoints", 0o755)
+
+
+def test_exit_at_once_tidies_the_workdir_and_prints_one_line(tmp_path):
+  """Issue 17, item 5: a second Ctrl-C exits at once (os._exit: no teardown while
+  XLA or Orbax threads run) and leaves no lock file nor a workdir it created empty."""
+  path = tmp_path / "run"
+  script = textwrap.dedent("""
+      import sys
+      from codajax import workdir
+      wd = workdir.Workdir(sys.argv[1], sys.argv[1] + "/checkpoints")
+      wd.open()
+      print("buffered", end="")
+      workdir.exit_at_once(130, "codajax: interrupted by Ctrl-C; nothing was written.")
+      print("never")
+  """)
+  out = subprocess.run([sys.executable, "-c", script, str(path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 130
+  assert out.stdout == "buffered"  # Flushed first; nothing after.
+  assert out.stderr == "codajax: interrupted by Ctrl-C; nothing was written.\n"
+  assert not path.exists()
