@@ -13,7 +13,9 @@ whole images), each given as one value per unit (its mean score, its value at
                              units where a > b;
   difference(a, b)           a and b on different units (one method on two
                              models' grids): mean(a) - mean(b) with its CI
-                             (resample each side on its own).
+                             (resample each side on its own);
+  curve_band(curves)         per point of (units, points) curves, the CI of
+                             the mean curve (the band of a removal curve).
 
 An interval is the (alpha/2, 1 - alpha/2) percentiles of `num_resamples`
 bootstrap means; the seed makes it reproducible, and is recorded with it.
@@ -49,8 +51,12 @@ def _units(values, name: str) -> np.ndarray:
 
 
 def _resampled_means(v: np.ndarray, num_resamples: int, rng) -> np.ndarray:
+  """The means of `num_resamples` resamples of the units (rows) of v: (R,) or
+  (R, points). Each resample is a count per unit, so curves cost one matmul."""
   idx = rng.integers(0, len(v), size=(num_resamples, len(v)))
-  return v[idx].mean(axis=1)
+  counts = np.zeros((num_resamples, len(v)))
+  np.add.at(counts, (np.arange(num_resamples)[:, None], idx), 1.0)
+  return counts @ v / len(v)
 
 
 def _interval(estimate: float, resampled: np.ndarray, confidence: float) -> Interval:
@@ -88,6 +94,20 @@ def difference(a, b, *, num_resamples: int = NUM_RESAMPLES, confidence: float = 
   rng = np.random.default_rng(seed)
   resampled = _resampled_means(a, num_resamples, rng) - _resampled_means(b, num_resamples, rng)
   return _interval(a.mean() - b.mean(), resampled, confidence)
+
+
+def curve_band(curves, *, num_resamples: int = NUM_RESAMPLES,
+               confidence: float = CONFIDENCE, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
+  """(low, high), each (points,): the CI of the mean curve at every point of
+  curves (units, points), all points from the same resamples of the units."""
+  c = np.asarray(curves, np.float64)
+  if c.ndim != 2:
+    raise ValueError(f"curves must be (units, points); got shape {c.shape}.")
+  _units(c[:, 0], "curves")
+  tail = 100 * (1 - confidence) / 2
+  low, high = np.percentile(_resampled_means(c, num_resamples, np.random.default_rng(seed)),
+                            [tail, 100 - tail], axis=0)
+  return low, high
 
 
 def verdict(diff: Interval) -> str:

@@ -51,6 +51,15 @@ def test_pairing_narrows_the_interval_when_units_share_difficulty():
   assert share == np.mean(a > b)
 
 
+def test_curve_band_is_the_interval_of_every_point():
+  curves = np.random.default_rng(2).uniform(size=(40, 5)).cumsum(axis=1)
+  low, high = bootstrap.curve_band(curves, seed=7)
+  for p in range(5):  # The same resamples as mean_interval draws for one column.
+    i = bootstrap.mean_interval(curves[:, p], seed=7)
+    np.testing.assert_allclose([low[p], high[p]], [i.low, i.high], rtol=1e-12)
+  assert (low < curves.mean(0)).all() and (curves.mean(0) < high).all()
+
+
 def test_seeded_and_reproducible():
   v = np.random.default_rng(0).normal(size=30)
   assert bootstrap.mean_interval(v, seed=3) == bootstrap.mean_interval(v, seed=3)

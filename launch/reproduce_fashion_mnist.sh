@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The Fashion-MNIST reproduction of README.md, from scratch or resumed: trains the
+# 6-layer CoDA-Net at T = 10, 100, 1000, 10000 (configs/fashion_mnist.py:6L-T<T>,
+# the same seed and schedule), evaluates them, and writes the README's table and
+# docs/fashion_mnist/ (python -m codajax.reproduce). Rerun it to resume: training
+# resumes from its last checkpoint and --mode evaluate skips the results it has.
+# Needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist).
+# Usage: bash launch/reproduce_fashion_mnist.sh [RUNS_DIR]   (default workdirs/fmnist)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs="${1:-workdirs/fmnist}"
+data="${FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}"
+if [ ! -d "$data" ]; then
+  echo "reproduce: no Fashion-MNIST in $data: apt-get install dataset-fashion-mnist" \
+       "(or set FASHION_MNIST_DIR to a folder of its IDX files)." >&2
+  exit 1
+fi
+bash launch/setup.sh test
+py=.venv/bin/python
+temps=(10 100 1000 10000)
+top=1000  # The temperature of the paper's method comparison.
+echo "reproduce: expected time on 2 idle cores: about 1 h of training per T (4 h), then" \
+     "about 3 h of evaluation; everything done is kept, so it can run in pieces."
+phase=0
+phases=$((${#temps[@]} * 2 + 2))
+step() { phase=$((phase + 1)); echo "reproduce: [$phase/$phases] $* ($(date +%H:%M:%S))"; }
+main() {  # codajax.main on one T's workdir, quietly: its log goes to <workdir>.log.
+  local t=$1; shift
+  mkdir -p "$runs"
+  $py -m codajax.main --config "configs/fashion_mnist.py:6L-T$t" --workdir "$runs/6L-T$t" \
+    --config.data_dir="$data" "$@" >> "$runs/6L-T$t.log" 2>&1
+}
+evaluate() {  # --mode evaluate with num_grids=$2; fewer when the model has too few confident images.
+  local t=$1 grids=$2; shift 2
+  if ! main "$t" --mode evaluate --config.evaluation.num_grids="$grids" "$@"; then
+    local fit
+    fit=$(tail -n 1 "$runs/6L-T$t.log" | grep -o "make only [0-9]* grids" | grep -o "[0-9]*") || {
+      tail -n 1 "$runs/6L-T$t.log" >&2; exit 1; }
+    echo "reproduce: T = $t has confident images for only $fit grids of 3x3, not $grids; using $fit."
+    main "$t" --mode evaluate --config.evaluation.num_grids="$fit" "$@"
+  fi
+}
+
+for t in "${temps[@]}"; do
+  step "train T = $t ($runs/6L-T$t; log in $runs/6L-T$t.log)"
+  main "$t"
+done
+step "evaluate T = $top: Ours, GradCAM, IxG, DeepLIFT, Grad, IntGrad on 100 grids and 500 images"
+evaluate "$top" 100 --config.evaluation.num_images=500 \
+  --config.evaluation.methods="('ours','gradcam','ixg','deeplift','grad','intgrad')"
+step "evaluate T = $top: Occ9 on the first 50 grids (the paired Ours - Occ9 CI)"
+evaluate "$top" 50 --config.evaluation.metrics="('localisation',)" \
+  --config.evaluation.methods="('occ9',)"
+for t in "${temps[@]}"; do
+  [ "$t" = "$top" ] && continue
+  step "evaluate T = $t: Ours and GradCAM on 100 grids and 500 images"
+  evaluate "$t" 100 --config.evaluation.num_images=500 --config.evaluation.methods="('ours','gradcam')"
+done
+step "report: README.md's table and docs/fashion_mnist/"
+$py -m codajax.reproduce --runs "$runs" --out docs/fashion_mnist --readme README.md
