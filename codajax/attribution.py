@@ -49,7 +49,7 @@ explanation_methods):
             `ratio`=0.2), classifier = sigmoid(logits); the attribution is the
             binary mask of the `num_features`=3 top positive superpixels
             (get_image_and_mask(positive_only=True, hide_rest=True)); `seed`=42
-            seeds the sampling and quickshift. Needs `pip install codajax[lime]`.
+            seeds the sampling and quickshift. Needs the `lime` extra (`bash launch/setup.sh lime`).
 
 Method names are matched case-insensitively (`canonical_method`: "GradCAM"
 is "gradcam"). A class out of [0, num_classes) is a ValueError where the
@@ -333,7 +333,7 @@ def _lime(model, variables, x, classes, num_samples, num_features, kernel_size, 
     from lime.wrappers.scikit_image import SegmentationAlgorithm  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError("attribute: method 'lime' needs the lime and scikit-image packages: "
-                      "pip install 'codajax[lime]'.") from e
+                      f"{config_lib.install_hint('lime')}.") from e
   gray = x.shape[-1] == 1  # lime makes grey images RGB (quickshift needs RGB).
 
   def classifier_fn(images):  # Padded to batch_size: one compile.

@@ -14,6 +14,7 @@ import difflib
 import math
 import os
 import re
+import sys
 from typing import Optional
 
 import ml_collections
@@ -134,7 +135,7 @@ def evaluation_config() -> ml_collections.ConfigDict:
   """--mode evaluate's settings: the authors' 500_3x3 localisation and default
   pixel removal (see codajax/evaluation.py), for the methods of their figures."""
   e = ml_collections.ConfigDict()
-  e.methods = PAPER_METHODS   # Any of ATTRIBUTION_OPTIONS ("lime": pip install codajax[lime]).
+  e.methods = PAPER_METHODS   # Any of ATTRIBUTION_OPTIONS ("lime": the lime extra).
   e.metrics = METRICS
   # Localisation: num_grids n x n grids of confident, correct test images.
   e.grid_size = 3
@@ -431,6 +432,27 @@ def _parse_error(error: BaseException, argv, path: str) -> ConfigError:
     last = re.sub(r"^[\w.]*(Error|Exception): ", "", lines[-1]) if lines else str(error)
     return ConfigError(f"--config={path}: {last}")
   return ConfigError(f"--config={path}: cannot load the config: {' '.join(lines)}")
+
+
+HELP_FLAGS = ("-?", "--help", "--helpshort", "--helpfull")
+
+
+def run_app(main, **kwargs) -> None:
+  """absl's app.run(main, **kwargs), except that asking for help (HELP_FLAGS)
+  exits 0 after printing it, as a command line should (absl exits 1)."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  try:
+    app.run(main, **kwargs)
+  except SystemExit as e:
+    if e.code == 1 and any(a in HELP_FLAGS for a in sys.argv[1:]):
+      raise SystemExit(0) from None
+    raise
+
+
+def install_hint(extra: str) -> str:
+  """The command that installs codajax's optional `extra` (setup.py) in a clone,
+  as it can be copied into a shell (codajax is not on the package index)."""
+  return f"bash launch/setup.sh {extra} (or .venv/bin/pip install -e '.[{extra}]') in your codajax clone"
 
 
 def parse_flags(argv):

@@ -34,9 +34,10 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 
+from codajax import config_lib
 from codajax import models
 
-INSTALL_HINT = "pip install codajax[torch]"
+INSTALL_HINT = config_lib.install_hint("torch")
 PREFIX = "module."
 # Keys under which training scripts commonly nest the state dict.
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
@@ -379,6 +380,5 @@ def _f32(a: np.ndarray) -> np.ndarray:
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   define_flags()
-  app.run(main)
+  config_lib.run_app(main)

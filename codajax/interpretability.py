@@ -279,7 +279,7 @@ def evaluate(model: models.CoDANet, variables, config, info, step: int, out_dir:
       stored.line["seconds"] = round(time.time() - t, 1)
       if primary:
         _write(out_dir, metric, method, stored)
-      logging.info("evaluate: %s of %s: %.4f (%.0f s).", metric, method,
+      logging.info("evaluate: %s of %s: %s %.4f (%.0f s).", metric, method, _headline(e, metric),
                    stored.line["headline"], time.time() - t)
     done += units[metric]
     report(done, time.time())
@@ -298,6 +298,13 @@ def evaluate(model: models.CoDANet, variables, config, info, step: int, out_dir:
 SUMMARY = "summary.json"
 
 
+def _headline(e, metric: str) -> str:
+  """What a metric's headline number is, for the log."""
+  if metric == "localisation":
+    return "mean share of the positive attribution in the target's cell"
+  return f"true-class probability with {e.fraction:.0%} of the pixels removed"
+
+
 def uncertainty(results: dict, e) -> dict:
   """evaluation/summary.json: for {(metric, method): Stored}, per metric and
   method the mean over its units (`evaluation.unit_values`) with its 95%
@@ -314,8 +321,9 @@ def uncertainty(results: dict, e) -> dict:
     out.setdefault(metric, {}).setdefault("methods", {})[method] = dict(
         {"mean": float(v.mean()), "low": None, "high": None}, **ci, n=len(v))
     if ci:
-      logging.info("evaluate: %s of %s: %.4f [95%% CI %.4f, %.4f] over %d %s.", metric,
-                   method, ci["mean"], ci["low"], ci["high"], len(v), unit)
+      logging.info("evaluate: %s of %s: %s %.4f [95%% CI %.4f, %.4f] over %d %s.", metric,
+                   method, _headline(e, metric), ci["mean"], ci["low"], ci["high"], len(v),
+                   unit)
     ours = units.get((metric, "ours"))
     if method == "ours" or ours is None or len(v) < 2:
       continue

@@ -533,12 +533,11 @@ def main(argv, flag_values=None) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   define_flags()
   # From here on Ctrl-C raises KeyboardInterrupt, so that a download removes
   # its partial file on the way out; then one line and 130.
   signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
-    app.run(main)
+    config_lib.run_app(main)
   except KeyboardInterrupt:
     _interrupted()

@@ -413,7 +413,7 @@ def explain_mode(run: Run, stops: Sequence[str] = ()) -> Result:
     _require_checkpoint(run, "explain")
     if stops:
       return _preempted(stops, "no figure was written")
-    return {"figures": write_figures(run, run.state.params)}
+    return {"step": run.start, "figures": write_figures(run, run.state.params)}
   finally:
     run.close()
 

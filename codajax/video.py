@@ -21,7 +21,7 @@ Two choices differ from the authors' script, both visible in the arguments:
     that a colour means the same contribution in every frame.
   * The file. GIF (Pillow) or MP4 (libx264 through the ffmpeg binary that
     imageio-ffmpeg ships) instead of OpenCV's mp4v, which browsers and
-    notebooks do not play. Writing needs `pip install codajax[video]`.
+    notebooks do not play. Writing needs the `video` extra (`bash launch/setup.sh video`).
 
 The explanations themselves are `codajax.explain` (no autodiff); this module
 only batches them over frames and turns them into pictures.
@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
+from codajax import config_lib
 from codajax import explain
 from codajax import models
 from codajax import plotting
@@ -53,7 +54,7 @@ from codajax import plotting
 AUTHORS_MAXV = 0.011118167620152223
 # The default colour limit: this percentile of |maps| over all frames.
 PERCENTILE = 99.75
-VIDEO_EXTRA = "pip install 'codajax[video]'"
+VIDEO_EXTRA = config_lib.install_hint("video")
 SUFFIXES = (".gif", ".mp4")
 FFMPEG_INVALID = "Invalid data found when processing input"  # ffmpeg's AVERROR_INVALIDDATA.
 

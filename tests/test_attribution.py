@@ -110,7 +110,8 @@ def test_lime_under_jit_is_refused():
 
 def test_lime_without_the_package_names_the_extra(monkeypatch):
   monkeypatch.setitem(sys.modules, "lime", None)  # `import lime` now raises ImportError.
-  with pytest.raises(ImportError, match=r"pip install 'codajax\[lime\]'"):
+  with pytest.raises(ImportError, match=r"bash launch/setup.sh lime \(or "
+                                       r"\.venv/bin/pip install -e '\.\[lime\]'\)"):
     attribution.attribute("lime", MODEL, VARIABLES, X, CLASSES)
 
 

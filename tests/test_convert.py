@@ -267,7 +267,7 @@ class TestCommandLine:
     with mock.patch.dict(sys.modules, {"torch": None}):
       with pytest.raises(SystemExit) as e:
         convert.main(["convert"], flag_values=fv)
-    assert "pip install codajax[torch]" in str(e.value.code)
+    assert "bash launch/setup.sh torch" in str(e.value.code)
 
   def test_missing_file_exits_clearly(self):
     fv = self._flags("/nonexistent/model.pkl", os.path.join(self.tmp, "workdir"))

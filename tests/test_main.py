@@ -139,3 +139,29 @@ def test_a_signal_during_the_imports_is_one_line(tmp_path, module, sig, status, 
   assert "Traceback" not in err, err[-3000:]
   assert err.strip().splitlines()[-1] == line
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize("module", ["codajax.main", "codajax.prepare", "codajax.convert",
+                                    "codajax.pretrained", "codajax.reproduce"])
+def test_help_exits_0(module):
+  env = dict(os.environ, XLA_FLAGS="", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
+  out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "--help" in out.stdout, out.stdout[-2000:]  # absl: "Try --helpfull ..."
+
+
+@pytest.mark.parametrize("extra", ["torch", "video", "lime"])
+def test_install_hints_work_from_a_clone(extra):
+  """The hints name setup.py's extras and commands that run in a clone: pip
+  resolves the printed install (a dry run: what the tests installed suffices)."""
+  from codajax import config_lib  # pylint: disable=g-import-not-at-top
+  hint = config_lib.install_hint(extra)
+  assert hint.startswith(f"bash launch/setup.sh {extra} ")
+  assert f".venv/bin/pip install -e '.[{extra}]'" in hint
+  with open(os.path.join(ROOT, "setup.py")) as f:
+    assert f'"{extra}": [' in f.read()
+  out = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index",
+                        "--no-build-isolation", "-c", "constraints.txt", "-e", f".[{extra}]"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]

@@ -332,7 +332,9 @@ class TestFailures:
     with mock.patch.dict(sys.modules, {"torch": None}), \
         mock.patch.object(urllib.request, "urlopen", no_network):
       with pytest.raises(pretrained.PretrainedError,
-                         match=rf"^{NAME}: .*needs torch.*`pip install codajax\[torch\]`"):
+                         match=rf"^{NAME}: .*needs torch.*`bash launch/setup.sh torch "
+                               r"\(or \.venv/bin/pip install -e '\.\[torch\]'\) in your "
+                               r"codajax clone`"):
         pretrained.load(NAME, cache_dir=cache, url=file_url(authors[0]))
     assert listing(cache) == []
 

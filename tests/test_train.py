@@ -247,7 +247,7 @@ def test_digits_trains_writes_figures_and_guards_its_checkpoint(tmp_path):
 
   # --mode=explain redraws the figures from the latest checkpoint.
   explained = train.train_and_evaluate(config, workdir, mode="explain")
-  assert list(explained) == ["figures"]
+  assert list(explained) == ["step", "figures"] and explained["step"] == 4
   assert sorted(map(os.path.basename, explained["figures"])) == sorted(
       map(os.path.basename, figures))
 

@@ -200,7 +200,8 @@ def test_missing_libraries_and_unknown_suffix(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match=r"\.avi"):
     video.write_video(tmp_path / "a.avi", clip(2))
   monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)
-  with pytest.raises(ImportError, match=r"pip install 'codajax\[video\]'"):
+  with pytest.raises(ImportError, match=r"bash launch/setup.sh video \(or "
+                                       r"\.venv/bin/pip install -e '\.\[video\]'\)"):
     video.write_video(tmp_path / "a.mp4", clip(2))
   assert not os.listdir(tmp_path)
 
