@@ -11,6 +11,7 @@ configs can be read and written anywhere.
 """
 
 import difflib
+import logging
 import math
 import os
 import re
@@ -435,6 +436,18 @@ def _parse_error(error: BaseException, argv, path: str) -> ConfigError:
 
 
 HELP_FLAGS = ("-?", "--help", "--helpshort", "--helpfull")
+VERBOSE_ENV = "CODAJAX_VERBOSE"
+
+
+def quiet_logs() -> None:
+  """Unless $CODAJAX_VERBOSE=1: silences the start-up notices of TensorFlow's
+  C++ logging (CPU features, oneDNN) and JAX's search for a TPU, so that a
+  run prints codajax's own lines; warnings and errors stay. Call it before
+  TensorFlow is imported."""
+  if os.environ.get(VERBOSE_ENV, "") == "1":
+    return
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Info and warnings of TF's C++.
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
 def run_app(main, **kwargs) -> None:

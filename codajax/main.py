@@ -119,6 +119,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging_std.getLogger("absl").addFilter(_QuietOrbax())
+  config_lib.quiet_logs()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # Keep TF (input only) off the accelerators.
   import jax  # pylint: disable=g-import-not-at-top

@@ -51,6 +51,7 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config_lib.quiet_logs()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # Data preparation needs no accelerator.
   from codajax import input_pipeline  # pylint: disable=g-import-not-at-top

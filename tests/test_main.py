@@ -165,3 +165,20 @@ def test_install_hints_work_from_a_clone(extra):
                         "--no-build-isolation", "-c", "constraints.txt", "-e", f".[{extra}]"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_run_prints_no_start_up_noise_unless_verbose(tmp_path, verbose):
+  """TF's C++ notices and JAX's missing-TPU line only with CODAJAX_VERBOSE=1."""
+  env = dict(os.environ, XLA_FLAGS="", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
+  env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+  env["CODAJAX_VERBOSE"] = "1" if verbose else ""
+  out = subprocess.run([sys.executable, "-m", "codajax.main", "--config=configs/digits.py:tiny",
+                        f"--workdir={tmp_path / 'w'}", "--config.num_steps=1",
+                        "--config.explain_at_end=False"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  noise = [l for l in out.stderr.splitlines()
+           if "cpu_feature_guard" in l or "libtpu" in l or "oneDNN" in l]
+  assert bool(noise) == verbose, noise
+  assert "codajax train done:" in out.stdout
