@@ -1,7 +1,7 @@
 r"""scikit-learn's bundled 8x8 handwritten digits: the embedded default.
 
 Needs no download: the 1,797 images ship inside scikit-learn. They are
-upsampled to 16x16 (nearest neighbour); the last 20% (360 images, a fixed,
+upsampled to 16x16 (nearest neighbour); the last 20% (359 images, a fixed,
 seeded split) are the test set.
 
   python -m codajax.main --config configs/digits.py --workdir workdirs/digits
