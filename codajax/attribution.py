@@ -64,7 +64,6 @@ at a time per image (a scan over chunks, so memory stays bounded). Sharding
 follows the input: x placed over a mesh's 'data' axis runs data-parallel.
 """
 
-import difflib
 import functools
 import math
 from unittest import mock
@@ -87,10 +86,9 @@ QUADRATURES = ("gausslegendre", "riemann")
 def canonical_method(name: str) -> str:
   """The method `name` as in METHODS, matched case-insensitively ("GradCAM":
   "gradcam"); a ValueError naming the closest spellings otherwise."""
-  by_lower = {m.lower(): m for m in METHODS}
-  if isinstance(name, str) and name.lower() in by_lower:
-    return by_lower[name.lower()]
-  close = difflib.get_close_matches(str(name).lower(), METHODS, n=2, cutoff=0.6)
+  match, close = config_lib.match_name(name, METHODS, n=2)
+  if match:
+    return match
   hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
   raise ValueError(f"unknown method {name!r}{hint}; choose one of {METHODS}.")
 

@@ -365,14 +365,23 @@ def _validate_model(config, need) -> None:
        "entries must satisfy 0 <= padding < kernel size.")
 
 
+def match_name(name, known, n: int = 1) -> tuple[Optional[str], list]:
+  """(the entry of `known` that `name` is, case aside, []), or (None, up to n
+  entries spelt close to it): one matcher for method, metric and model names."""
+  by_lower = {k.lower(): k for k in known}
+  if isinstance(name, str) and name.lower() in by_lower:
+    return by_lower[name.lower()], []
+  close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=n, cutoff=0.6)
+  return None, [by_lower[c] for c in close]
+
+
 def _spelling(names, known) -> str:
   """' Did you mean ...?' for the unknown `names` close to a `known` one, or ''."""
   hints = []
   for name in names if isinstance(names, (tuple, list)) else ():
     if isinstance(name, str) and name not in known:
-      close = [k for k in known if k.lower() == name.lower()] or difflib.get_close_matches(
-          name.lower(), known, n=1)
-      hints += [f"{close[0]!r} for {name!r}"] if close else []
+      match, close = match_name(name, known)
+      hints += [f"{(match or close[0])!r} for {name!r}"] if match or close else []
   return f" Did you mean {', '.join(hints)}?" if hints else ""
 
 

@@ -62,7 +62,6 @@ if __name__ == "__main__":
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import contextlib
 import dataclasses
-import difflib
 import hashlib
 import http.client
 import shutil
@@ -151,12 +150,9 @@ CHECK_INPUTS = {"cifar10": (2, 32), "imagenet100": (1, 48)}
 def get(name: str) -> Pretrained:
   """The table entry of `name`, matched case-insensitively; an unknown name
   suggests the closest ones."""
-  if name in MODELS:
-    return MODELS[name]
-  by_lower = {m.lower(): entry for m, entry in MODELS.items()}
-  if isinstance(name, str) and name.lower() in by_lower:
-    return by_lower[name.lower()]
-  close = difflib.get_close_matches(str(name), list(MODELS), n=3, cutoff=0.6)
+  match, close = config_lib.match_name(name, MODELS, n=3)
+  if match:
+    return MODELS[match]
   hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
   raise PretrainedError(f"Unknown pretrained model {name!r}.{hint} The authors released: "
                         f"{', '.join(MODELS)}.")
