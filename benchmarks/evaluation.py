@@ -5,7 +5,7 @@ One measurement is one method (`Measurement.method`, one of
 of the preset's size (`Measurement.grid_n`, default 3: CIFAR 9L-S explains
 96x96 inputs), each grid explained for the classes of its n*n cells at once
 (classes (batch, n*n), distinct within a grid), as
-`evaluation.localisation` calls it. The parameters are a random init
+`metrics.localisation` calls it. The parameters are a random init
 (`model.init`): the cost of a method does not depend on the weights (LIME's
 superpixels depend on the image only).
 
@@ -45,7 +45,7 @@ import jax.numpy as jnp
 
 from benchmarks import common
 from codajax import attribution
-from codajax import evaluation
+from codajax import metrics
 from codajax import models
 
 NUM_GRIDS = 500     # Grids of the localisation evaluation (the authors' 500 3x3 grids).
@@ -105,7 +105,7 @@ def make_grids(model, m: common.Measurement):
   cells = jax.random.uniform(kx, (m.batch, k, m.size, m.size, 3), jnp.float32)
   classes = jax.vmap(lambda key: jax.random.permutation(key, model.num_classes)[:k])(
       jax.random.split(kc, m.batch))
-  return evaluation.tile(cells, n), classes
+  return metrics.tile(cells, n), classes
 
 
 def interleaved(calls: dict, min_rounds: int, max_rounds: int, budget_s: float) -> dict:

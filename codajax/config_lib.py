@@ -36,7 +36,7 @@ LOCAL_DATASETS = ("digits", "idx", "image_folder")
 # The interpretability evaluation (--mode evaluate): each attribution method
 # of codajax.attribution with its options and their defaults (the authors'
 # settings; that module's docstring says what each one means), the metrics of
-# codajax.evaluation and their choices.
+# codajax.metrics and their choices.
 ATTRIBUTION_OPTIONS = {
     "ours": {}, "grad": {}, "ixg": {},
     "intgrad": dict(steps=20, quadrature="gausslegendre", chunk=4),
@@ -134,7 +134,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 def evaluation_config() -> ml_collections.ConfigDict:
   """--mode evaluate's settings: the authors' 500_3x3 localisation and default
-  pixel removal (see codajax/evaluation.py), for the methods of their figures."""
+  pixel removal (see codajax/metrics.py), for the methods of their figures."""
   e = ml_collections.ConfigDict()
   e.methods = PAPER_METHODS   # Any of ATTRIBUTION_OPTIONS ("lime": the lime extra).
   e.metrics = METRICS

@@ -1,339 +1,442 @@
-"""The paper's interpretability metrics (Sec. 5.2), as the authors' code computes them.
+"""--mode evaluate: the paper's interpretability evaluation of a checkpoint.
 
-Localisation, the grid pointing game (`interpretability/analyses/localisation.py`):
-n x n grids of correctly and confidently classified test images of n^2 distinct
-classes. Every cell is a target in turn: the attribution a for the class of the
-image in cell i, summed over channels, is clamped, a = max(0, a), and
+For every metric and method of `config.evaluation` (codajax.evaluation's
+metrics of codajax.attribution's methods), `evaluate` writes under `out_dir`:
 
-  s_i = sum_{p in cell i} a(p) / sum_{p in grid} a(p)       (0 if the sum is 0).
+  <metric>/<method>.npy    the raw scores: localisation (grids, n*n) per
+                           target, pixel_removal (images, points) per image
+  localisation/<method>_maps.npy   its maps of the first num_comparison grids
+  <metric>/<method>.json   one JSON line, written last: summary statistics
+                           (mean, median, quartiles; for curves the curve mean
+                           and the value at the last point), what the result
+                           depends on (`result_record`: the checkpoint's step
+                           and params digest, the model config, the data and
+                           its image order, the metric's settings and the
+                           method's options) and the count and sha256 of the
+                           scores (and maps) it was written with
+  localisation.png         box plots per method, Oracle and Uniform lines
+  pixel_removal.png        the mean curve of every method
+  comparison.png           a few grids with every method's map side by side
 
-Oracle = 1, uniform = 1/n^2.
+A (metric, method) is done, and skipped when the command runs again, only when
+its JSON line records the same dependencies and its .npy files agree with the
+counts and digests the line records (`stored_result`). Otherwise it is
+recomputed, after one warning line that names what changed or the file that is
+missing or damaged: a stored number is never reported for another checkpoint,
+model, data or setting. Each file is written atomically, so a killed run loses
+at most the result in flight; the figures are drawn from the results of this
+run, all done. `stops` (filled by a signal handler) ends the run after the
+result in flight is written.
 
-Pixel removal (`interpretability/analyses/pixel_removal.py`): the pixels of an
-image are removed in the order of the signed, channel-summed attribution for
-its true class (least important first), up to 25% of them, and the sigmoid of
-the true class's logit is recorded after every step of the schedule.
-
-Quirks of the original are reproduced by default, each behind a named option
-whose alternative is the clean behaviour: `skip_bug` (one image skipped after
-every grid), `fill` (a removed pixel is 0 in all 2C encoded channels, not black).
-Attributions come in as maps (N, K, H, W), already summed over channels, or as
-a function attribute_fn(x, classes) -> (N, K, H, W), e.g.
-functools.partial(attribution.attribute, "ours", model, variables).
+Both metrics see the test images in the order `config_lib.image_order` gives:
+the data set's own for tfds CIFAR-10 and ImageNet (the authors' order), else a
+permutation seeded by config.evaluation.seed, so that the first num_images
+(pixel removal) and the grids' scan order are not one class after another.
+Attributions run data-parallel over the mesh's 'data' axis; every process
+reads the whole test split and process 0 writes.
 """
 
-from typing import Callable, NamedTuple
+import functools
+import json
+import logging
+import os
+import time
+from typing import NamedTuple, Optional, Sequence
 
+from clu import periodic_actions
 import jax
-import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 
+from codajax import attribution
+from codajax import bootstrap
+from codajax import checkpoint
+from codajax import config_lib
+from codajax import metrics
+from codajax import input_pipeline
 from codajax import models
-
-ORDERS = ("least", "most")
-FILLS = ("encoded_zero", "black")
+from codajax import plotting
 
 
-# ----------------------------------------------------------------------------
-# Localisation: choosing the images of the grids.
-# ----------------------------------------------------------------------------
+def _to_mesh(x: np.ndarray, sharding) -> jax.Array:
+  """Host data (the same on every process) -> a global array over the mesh."""
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
-class Grids(NamedTuple):
-  indices: np.ndarray  # (G, n*n) test image indices; image k goes to cell k.
-  classes: np.ndarray  # (G, n*n) their labels, distinct within a grid.
+def _to_host(x: jax.Array) -> np.ndarray:
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def sorted_confidences(logits, labels) -> list[tuple[np.ndarray, np.ndarray]]:
-  """Per class c: (indices, logits) of the correctly classified test images
-  of class c, by logit, highest first (ties keep dataset order).
+def _sharded(fn, sharding, size: int, *arrays) -> np.ndarray:
+  """fn(*arrays) with the batch axis padded to `size` (rounded up to the mesh
+  size: one compiled program for every batch) and sharded over the mesh."""
+  n, devices = len(arrays[0]), sharding.mesh.size
+  pad = max(size, n) - n
+  pad += -(n + pad) % devices
+  padded = [np.concatenate([a, np.repeat(a[:1], pad, axis=0)]) if pad else a for a in arrays]
+  return _to_host(fn(*(_to_mesh(a, sharding) for a in padded)))[:n]
 
-  `logits` (N, K) are computed once over the test split (in batches, by the
-  caller); an image is correct when its argmax (the first maximum, as torch's
-  max) is its label, and its logit is that maximum.
+
+# ------------------------------------------------ what a stored result is
+
+
+def data_record(config) -> dict:
+  """The test images a result is computed on, from the config alone."""
+  order = config_lib.image_order(config)
+  return {"dataset": config.dataset,
+          "data_dir": os.path.abspath(config.data_dir) if config.data_dir else None,
+          "test_split": config.test_split, "image_size": config.image_size,
+          "class_subset": config.class_subset,
+          # The eval preprocessing reads resize_size only for augment="imagenet".
+          "resize_size": config.resize_size if config.augment == "imagenet" else None,
+          "image_order": order,
+          "image_seed": config.evaluation.seed if order == "shuffled" else None}
+
+
+def params_digest(meta: Optional[dict], params=None) -> str:
+  """The checkpoint's params digest: from its meta item (`codajax.checkpoint`),
+  or computed from `params` for a checkpoint that records none."""
+  digest = ((meta or {}).get("digest") or {}).get("params")
+  return digest or checkpoint.digest_of(params)
+
+
+def result_record(config, metric: str, method: str, step: int, digest: str) -> dict:
+  """What a stored result of (metric, method) depends on, as its JSON line
+  stores it: the checkpoint, the model config, the data, and the metric's
+  settings and the method's options."""
+  e = config.evaluation
+  keys = (("grid_size", "num_grids", "conf_thresh", "skip_bug", "smooth", "seed")
+          if metric == "localisation" else ("num_images", "fraction", "points", "order", "fill"))
+  record = {"checkpoint": {"step": int(step), "params": digest},
+            "model": config.model.to_dict(), "data": data_record(config),
+            "settings": {"metric": {k: e[k] for k in keys},
+                         "options": e.options[method].to_dict()}}
+  return json.loads(json.dumps(record))  # Tuples as lists: as read back.
+
+
+class Stored(NamedTuple):
+  """A done result, read back: its JSON line, scores and (localisation) maps."""
+  line: dict
+  scores: np.ndarray
+  maps: Optional[np.ndarray]
+
+
+def _files(metric: str, method: str) -> tuple:
+  return (f"{method}.npy",) + ((f"{method}_maps.npy",) if metric == "localisation" else ())
+
+
+def stored_result(out_dir: str, metric: str, method: str,
+                  record: Optional[dict]) -> tuple[Optional[Stored], Optional[str]]:
+  """(the stored result, None) if it is done for `record`, else (None, why
+  not: a line naming what changed or the damaged file; None if nothing is stored).
+  record=None: any intact result, whatever it was computed for (a report)."""
+  path = os.path.join(out_dir, metric, f"{method}.json")
+  try:
+    with open(path) as f:
+      line = json.loads(f.readline())
+    if not isinstance(line, dict):
+      raise ValueError("not a JSON object")
+  except FileNotFoundError:
+    return None, None
+  except (OSError, ValueError) as error:
+    return None, f"{path} is damaged ({_brief(error)}); recomputing it."
+  changed = _changes(line, record) if record is not None else ""
+  if changed:
+    return None, f"{metric} of {method}: stored result is stale ({changed}); recomputing."
+  arrays, files = [], line.get("files") if isinstance(line.get("files"), dict) else {}
+  for name in _files(metric, method):
+    array, why = _load(os.path.join(out_dir, metric, name), files.get(name))
+    if why:
+      return None, f"{os.path.join(out_dir, metric, name)} {why}; recomputing it."
+    arrays.append(array)
+  return Stored(line, arrays[0], arrays[1] if len(arrays) > 1 else None), None
+
+
+def _load(path: str, want: Optional[dict]) -> tuple[Optional[np.ndarray], Optional[str]]:
+  """(the array, None) if `path` holds the array of count and sha256 `want`,
+  else (None, what is wrong with it)."""
+  if not os.path.exists(path):
+    return None, "is missing"
+  try:
+    array = np.load(path, allow_pickle=False)
+  except Exception as error:  # pylint: disable=broad-except  # Any damage numpy meets.
+    return None, f"is damaged ({_brief(error)})"
+  got = _file_record(array)
+  if not isinstance(want, dict):
+    return None, "is not recorded in its summary line"
+  if got["count"] != want.get("count"):
+    return None, f"is damaged ({got['count']} values, its summary says {want.get('count')})"
+  if got["sha256"] != want.get("sha256"):
+    return None, "is damaged (its sha256 differs from its summary's)"
+  return array, None
+
+
+def _file_record(array: np.ndarray) -> dict:
+  return {"count": int(array.size), "sha256": checkpoint.digest_of(array)}
+
+
+def _brief(error: BaseException) -> str:
+  return f"{type(error).__name__}: {' '.join(str(error).split())[:160]}"
+
+
+def _changes(line: dict, record: dict, limit: int = 3) -> str:
+  """'' if `line` records `record`, else its differences, e.g.
+  'model.temperature 1000.0 -> 5.0'."""
+  missing = [k for k in record if k not in line]
+  if missing:
+    return f"it records no {', '.join(missing)}: written by an older codajax"
+  old, new = _flat({k: line[k] for k in record}), _flat(record)
+  keys = [k for k in new if k not in old or old[k] != new[k]] + [k for k in old if k not in new]
+  shown = [f"{k} {_short(old.get(k, '(none)'))} -> {_short(new.get(k, '(none)'))}"
+           for k in keys[:limit]]
+  return ", ".join(shown) + (f", and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  """{"model": {"temperature": 5.0}} -> {"model.temperature": 5.0}."""
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+  return out
+
+
+def _short(value) -> str:
+  return f"{value[:12]}..." if isinstance(value, str) and len(value) > 16 else str(value)
+
+
+def _write_atomically(path: str, write) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    write(f)
+  os.replace(tmp, path)
+
+
+def _write(out_dir: str, metric: str, method: str, result: Stored) -> None:
+  """The .npy files, then the JSON line with their counts and digests (last:
+  a run killed in between leaves no line, so the result is not done)."""
+  arrays = [a for a in (result.scores, result.maps) if a is not None]
+  folder = os.path.join(out_dir, metric)
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, f"{method}.json")
+  if os.path.exists(path):
+    os.remove(path)  # The old line must not vouch for the new files.
+  for name, array in zip(_files(metric, method), arrays):
+    _write_atomically(os.path.join(folder, name), lambda f, a=array: np.save(f, a))
+  files = {name: _file_record(a) for name, a in zip(_files(metric, method), arrays)}
+  line = {**result.line, "files": files}
+  _write_atomically(path, lambda f: f.write((json.dumps(line) + "\n").encode()))
+
+
+# ------------------------------------------------------------------ evaluate
+
+
+def evaluate(model: models.CoDANet, variables, config, info, step: int, out_dir: str,
+             sharding, *, meta: Optional[dict] = None, stops: Sequence[str] = ()) -> dict:
+  """Runs the evaluation (see the module docstring); returns {"<metric>/<method>":
+  headline figure (localisation: mean score; pixel_removal: the value at the
+  last point)} plus "figures", the paths of the figures written.
+
+  `meta`: the checkpoint's meta item (its params digest goes into every
+  record; None: computed from variables["params"]). `stops`: a list that a
+  signal handler fills with signal names; once it is not empty, the run stops
+  after the result in flight is written and returns the results so far,
+  "figures": [] and "preempted": {"signal": stops[0], "kept": ["<metric>/<method>",
+  ...] (the results complete on disk)}.
   """
-  logits, labels = np.asarray(logits), np.asarray(labels)
-  if logits.ndim != 2 or labels.shape != logits.shape[:1]:
-    raise ValueError(f"sorted_confidences takes logits (N, K) and labels (N,), got "
-                     f"{logits.shape} and {labels.shape}; pass integer labels, not one-hot.")
-  predicted = logits.argmax(axis=1)
-  result = []
-  for c in range(logits.shape[1]):
-    idx = np.flatnonzero((labels == c) & (predicted == c))
-    values = logits[idx, c]
-    order = np.argsort(-values, kind="stable")
-    result.append((idx[order], values[order]))
-  return result
+  if stops:  # Asked to stop before any work.
+    return _preempted({}, stops, {})
+  e = config.evaluation
+  primary = jax.process_index() == 0
+  digest = params_digest(meta, variables["params"])
+  images, labels = evaluation_images(config, info)
+  grids = _grids(model, variables, images, labels, e, sharding, step)
+  removal = slice(0, min(e.num_images, len(images)))
+  jobs = [(metric, method) for metric in e.metrics for method in e.methods]
+  units = {"localisation": len(grids.indices) if grids is not None else 0,
+           "pixel_removal": removal.stop}
+  report = periodic_actions.ReportProgress(
+      num_train_steps=sum(units[m] for m, _ in jobs), every_secs=30.0)
+  done, results, kept = 0, {}, {}
+  for metric, method in jobs:
+    if stops:  # After the result in flight: stop before the next one.
+      return _preempted(results, stops, kept)
+    record = result_record(config, metric, method, step, digest)
+    stored, why = stored_result(out_dir, metric, method, record)
+    if why:
+      logging.warning("evaluate: %s", why)
+    if stored is not None:
+      logging.info("evaluate: %s of %s is done (%s); skipped.", metric, method,
+                   os.path.join(out_dir, metric, f"{method}.json"))
+    else:
+      t = time.time()
+      stored = _compute(metric, method, model, variables, e, images, labels, grids, removal,
+                        sharding, _Counted(report, done), record)
+      stored.line["seconds"] = round(time.time() - t, 1)
+      if primary:
+        _write(out_dir, metric, method, stored)
+      logging.info("evaluate: %s of %s: %s %.4f (%.0f s).", metric, method, _headline(e, metric),
+                   stored.line["headline"], time.time() - t)
+    done += units[metric]
+    report(done, time.time())
+    results[f"{metric}/{method}"] = stored.line["headline"]
+    kept[metric, method] = stored
+  if stops:
+    return _preempted(results, stops, kept)
+  summary = uncertainty(kept, e)
+  if primary:
+    _write_atomically(os.path.join(out_dir, SUMMARY),
+                      lambda f: f.write((json.dumps(summary, indent=1) + "\n").encode()))
+  figures = _figures(out_dir, e, images, grids, info, kept, summary) if primary else []
+  return {**results, "figures": figures}
 
 
-def _sigmoid32(logit) -> np.float32:
-  """The original's torch.tensor(logit).sigmoid(): float32."""
-  return np.float32(1) / (np.float32(1) + np.exp(-np.float32(logit)))
+SUMMARY = "summary.json"
 
 
-def class_blocks(confidences, n_imgs: int, conf_thresh: float = 0.5,
-                 seed: int = 42) -> np.ndarray:
-  """The original's `get_sorted_indices`: a flat list of image indices made of
-  blocks of `n_imgs` distinct classes drawn at random (seed 42); each drawn
-  class gives its next most confident unused image. A class takes part while
-  its next image has sigmoid(logit) > conf_thresh, and drawing stops once no
-  more than n_imgs classes take part (`while mask.sum() > n_imgs`, strictly).
-  A class without a correct image never takes part (the original would crash).
-  """
-  # RandomState(seed).choice draws what np.random.seed(seed); np.random.choice
-  # draws, without touching numpy's global state.
-  rng = np.random.RandomState(seed)
-  pointer = np.zeros(len(confidences), np.int64)
-
-  def takes_part(c):
-    indices, logits = confidences[c]
-    return pointer[c] < len(indices) and _sigmoid32(logits[pointer[c]]) > conf_thresh
-
-  classes = np.arange(len(confidences))
-  mask = np.array([takes_part(c) for c in classes], bool)
-  sequence = []
-  while mask.sum() > n_imgs:
-    for c in rng.choice(classes[mask], size=n_imgs, replace=False):
-      sequence.append(confidences[c][0][pointer[c]])
-      pointer[c] += 1
-      mask[c] = takes_part(c)
-  return np.asarray(sequence, np.int64)
+def _headline(e, metric: str) -> str:
+  """What a metric's headline number is, for the log."""
+  if metric == "localisation":
+    return "mean share of the positive attribution in the target's cell"
+  return f"true-class probability with {e.fraction:.0%} of the pixels removed"
 
 
-def make_grids(sequence, labels, n: int, num_grids: int, skip_bug: bool = True) -> Grids:
-  """The original's `make_multi_image`, for `num_grids` grids: from the offset,
-  take the next images of `sequence`, skipping any whose class is already in
-  the grid, until there are n*n. The original then moves the offset one past
-  the last image taken (`i + offset + 1`), so one image is skipped after every
-  grid and the grids do not line up with the blocks of `class_blocks`
-  (skip_bug=True); skip_bug=False continues right after it.
-  """
-  labels = np.asarray(labels)
-  indices, classes, offset = [], [], 0
-  for g in range(num_grids):
-    grid, i = [], 0
-    while len(grid) < n * n:
-      if offset + i >= len(sequence):
-        raise ValueError(
-            f"make_grids: the {len(sequence)} confident images make only {g} grids of "
-            f"{n}x{n}, not {num_grids}; ask for fewer grids, a smaller grid or a lower "
-            "conf_thresh.")
-      image = sequence[offset + i]
-      i += 1
-      if labels[image] not in labels[grid]:
-        grid.append(image)
-    indices.append(grid)
-    classes.append(labels[grid])
-    offset += i + 1 if skip_bug else i
-  return Grids(np.asarray(indices, np.int64).reshape(num_grids, n * n),
-               np.asarray(classes, np.int64).reshape(num_grids, n * n))
+def uncertainty(results: dict, e) -> dict:
+  """evaluation/summary.json: for {(metric, method): Stored}, per metric and
+  method the mean over its units (`metrics.unit_values`) with its 95%
+  bootstrap CI, and, where "ours" was run, per other method the paired
+  difference ours - method on the same units with its CI and the share of
+  units where ours is higher. Intervals need 2 units or more (else null)."""
+  opts = dict(num_resamples=e.bootstrap_resamples, seed=e.bootstrap_seed)
+  units = {key: metrics.unit_values(key[0], r.scores) for key, r in results.items()}
+  out = {"bootstrap": dict(resamples=e.bootstrap_resamples, seed=e.bootstrap_seed,
+                           confidence=bootstrap.CONFIDENCE, units=metrics.UNITS)}
+  for (metric, method), v in units.items():
+    unit = metrics.UNITS[metric]
+    ci = bootstrap.mean_interval(v, **opts).to_dict() if len(v) > 1 else {}
+    out.setdefault(metric, {}).setdefault("methods", {})[method] = dict(
+        {"mean": float(v.mean()), "low": None, "high": None}, **ci, n=len(v))
+    if ci:
+      logging.info("evaluate: %s of %s: %s %.4f [95%% CI %.4f, %.4f] over %d %s.", metric,
+                   method, _headline(e, metric), ci["mean"], ci["low"], ci["high"], len(v),
+                   unit)
+    ours = units.get((metric, "ours"))
+    if method == "ours" or ours is None or len(v) < 2:
+      continue
+    diff, share = bootstrap.paired_difference(ours, v, **opts)
+    out[metric].setdefault("ours_minus", {})[method] = dict(
+        diff.to_dict(), share_ours_higher=share, n=len(v))
+    logging.info("evaluate: %s, ours - %s: %+.4f [95%% CI %+.4f, %+.4f]; ours higher on "
+                 "%.0f%% of %d %s.", metric, method, diff.mean, diff.low, diff.high,
+                 100 * share, len(v), unit)
+  return out
 
 
-def select_grids(logits, labels, n: int = 3, num_grids: int = 500, conf_thresh: float = 0.5,
-                 seed: int = 42, skip_bug: bool = True) -> Grids:
-  """The grids of the localisation metric from the test split's logits (N, K)
-  and labels (N,): `sorted_confidences`, `class_blocks`, `make_grids`."""
-  blocks = class_blocks(sorted_confidences(logits, labels), n * n, conf_thresh, seed)
-  return make_grids(blocks, labels, n, num_grids, skip_bug)
+def evaluation_images(config, info) -> tuple[np.ndarray, np.ndarray]:
+  """The test split's images and labels in the order both metrics see them:
+  `config_lib.image_order`, shuffled with config.evaluation.seed."""
+  shuffled = config_lib.image_order(config) == "shuffled"
+  return input_pipeline.first_test_examples(
+      config, info, seed=config.evaluation.seed if shuffled else None)
 
 
-# ----------------------------------------------------------------------------
-# Localisation: grid layout and scores.
-# ----------------------------------------------------------------------------
+def _preempted(results: dict, stops: Sequence[str], kept: dict) -> dict:
+  return {**results, "figures": [],
+          "preempted": {"signal": stops[0], "kept": [f"{m}/{k}" for m, k in kept]}}
 
 
-def tile(images, n: int):
-  """(..., n*n, H, W, C) -> (..., n*H, n*W, C), column-major: image k = n*a1 + a2
-  goes to grid row a2, column a1 (the original's permute(0, 3, 2, 4, 1, 5))."""
-  *lead, k, h, w, c = images.shape
-  if k != n * n:
-    raise ValueError(f"tile: a {n}x{n} grid takes {n * n} images, got {k} (shape {images.shape}).")
-  b = len(lead)
-  x = images.reshape(*lead, n, n, h, w, c)                    # (..., a1, a2, H, W, C)
-  x = x.transpose(*range(b), b + 1, b + 2, b, b + 3, b + 4)   # (..., a2, H, a1, W, C)
-  return x.reshape(*lead, n * h, n * w, c)
+def _grids(model, variables, images, labels, e, sharding, step) -> Optional[metrics.Grids]:
+  """The localisation grids (None without that metric), from every test image's logits."""
+  if "localisation" not in e.metrics:
+    return None
+  n = e.grid_size
+  logits = _logits(model, variables, images, sharding, e.batch_size * n * n)
+  try:
+    return metrics.select_grids(logits, labels, n=n, num_grids=e.num_grids,
+                                   conf_thresh=e.conf_thresh, seed=e.seed,
+                                   skip_bug=e.skip_bug)
+  except ValueError as error:  # Too few confident, correct test images.
+    raise config_lib.ConfigError(f"config.evaluation.num_grids={e.num_grids}: {error} "
+                                 f"(checkpoint of step {step}; a longer training "
+                                 "gives more).") from None
 
 
-def untile(grid, n: int):
-  """The inverse of `tile`: (..., n*H, n*W, C) -> (..., n*n, H, W, C)."""
-  *lead, gh, gw, c = grid.shape
-  h, w, b = gh // n, gw // n, len(lead)
-  x = grid.reshape(*lead, n, h, n, w, c)                      # (..., a2, H, a1, W, C)
-  x = x.transpose(*range(b), b + 2, b, b + 1, b + 3, b + 4)   # (..., a1, a2, H, W, C)
-  return x.reshape(*lead, n * n, h, w, c)
+def _compute(metric, method, model, variables, e, images, labels, grids, removal, sharding,
+             counted, record) -> Stored:
+  """One result: its scores, (localisation) maps and JSON line, not yet written."""
+
+  def attribute_fn(x, classes):
+    fn = functools.partial(attribution.attribute, method, model, variables,
+                           **e.options[method].to_dict())
+    return _sharded(fn, sharding, e.batch_size, np.asarray(x), np.asarray(classes))
+
+  counted.attribute_fn = attribute_fn  # Counts progress, keeps the first maps.
+  if metric == "localisation":
+    scores = metrics.localisation(counted, images, grids, e.grid_size, smooth=e.smooth,
+                                     batch_size=e.batch_size)
+    summary = metrics.score_summary(scores)
+    headline, maps = summary["mean"], counted.first[:e.num_comparison]  # The first grids.
+  else:
+    x, y = images[removal], labels[removal]
+    maps = np.concatenate([attribute_fn(x[i:i + e.batch_size], y[i:i + e.batch_size, None])
+                           for i in range(0, len(x), e.batch_size)])[:, 0]
+    scores = metrics.pixel_removal_curves(model, variables, x, maps, y,
+                                             fraction=e.fraction, points=e.points,
+                                             order=e.order, fill=e.fill)
+    summary = metrics.curve_summary(scores, e.fraction)
+    headline, maps = summary["last"], None
+  line = {"metric": metric, "method": method, "step": record["checkpoint"]["step"],
+          "headline": headline, **summary, **record}
+  return Stored(line, scores, maps)
 
 
-def cell_slices(k: int, n: int, height: int, width: int) -> tuple[slice, slice]:
-  """Rows and columns of cell k in an (n*height, n*width) grid: row k % n, column k // n."""
-  row, col = k % n, k // n
-  return slice(row * height, (row + 1) * height), slice(col * width, (col + 1) * width)
+class _Counted:
+  """self.attribute_fn, reporting progress (units: grids) and keeping its first output."""
+
+  def __init__(self, report, done: int):
+    self.attribute_fn, self.report, self.done, self.first = None, report, done, None
+
+  def __call__(self, x, classes):
+    out = self.attribute_fn(x, classes)
+    self.first = out if self.first is None else self.first
+    self.done += len(x)
+    self.report(self.done, time.time())
+    return out
 
 
-def _avg_pool(maps: jax.Array, size: int) -> jax.Array:
-  """torch's F.avg_pool2d(maps, size, stride=1, padding=(size - 1) // 2) with its
-  default count_include_pad=True: zero padding counts in the mean."""
-  p = (size - 1) // 2
-  window = (1,) * (maps.ndim - 2) + (size, size)
-  padding = ((0, 0),) * (maps.ndim - 2) + ((p, p), (p, p))
-  summed = jax.lax.reduce_window(maps, 0.0, jax.lax.add, window, (1,) * maps.ndim, padding)
-  return summed / (size * size)
+def _logits(model, variables, images, sharding, batch_size) -> np.ndarray:
+  """The logits of every test image, batch by batch over the mesh."""
+  apply = jax.jit(model.apply)
+  return np.concatenate([_sharded(functools.partial(apply, variables), sharding, batch_size,
+                                  images[i:i + batch_size])
+                         for i in range(0, len(images), batch_size)])
 
 
-@jax.jit(static_argnames=("n", "smooth"))
-def localisation_scores(maps: jax.Array, n: int, smooth: int = 1) -> jax.Array:
-  """(G, n*n, n*H, n*W) maps -> (G, n*n) scores: maps[g, k], the attribution for the
-  class of image k of grid g (summed over channels), scored on cell k.
-
-  smooth > 1 (B-cos's --smooth, odd) first averages the map over a smooth x smooth
-  window with zero padding counted, before the clamp.
-  """
-  g, k, gh, gw = maps.shape
-  if k != n * n or gh % n or gw % n:
-    raise ValueError(f"localisation_scores: maps must be (G, {n * n}, {n}*H, {n}*W) for "
-                     f"{n}x{n} grids, got {maps.shape}.")
-  if smooth < 1 or smooth % 2 == 0:
-    raise ValueError(f"localisation_scores: smooth must be odd and >= 1 (1 for none), got "
-                     f"{smooth}; an even window would shift the map against the cells.")
-  maps = maps.astype(jnp.float32)
-  if smooth > 1:
-    maps = _avg_pool(maps, smooth)
-  a = jnp.maximum(maps, 0.0)
-  cells = a.reshape(g, k, n, gh // n, n, gw // n).sum(axis=(3, 5))  # (G, K, row, col)
-  cells = jnp.swapaxes(cells, 2, 3).reshape(g, k, k)               # cell n*col + row
-  own = jnp.diagonal(cells, axis1=1, axis2=2)
-  total = cells.sum(axis=2)
-  return jnp.where(total > 0, own / jnp.where(total > 0, total, 1.0), 0.0)
-
-
-def localisation(attribute_fn: Callable, images, grids: Grids, n: int, smooth: int = 1,
-                 batch_size: int = 8) -> np.ndarray:
-  """(G, n*n) scores: every grid is tiled from `images` (N, H, W, C) and explained
-  whole, for the classes of its n*n images at once, `batch_size` grids a call:
-  attribute_fn(x (B, n*H, n*W, C), classes (B, n*n)) -> (B, n*n, n*H, n*W)."""
-  images, scores = np.asarray(images), []
-  for start in range(0, len(grids.indices), batch_size):
-    batch = slice(start, start + batch_size)
-    x = tile(images[grids.indices[batch]], n)
-    maps = attribute_fn(jnp.asarray(x), jnp.asarray(grids.classes[batch]))
-    scores.append(np.asarray(localisation_scores(maps, n, smooth)))
-  return np.concatenate(scores)
-
-
-# ----------------------------------------------------------------------------
-# Pixel removal.
-# ----------------------------------------------------------------------------
-
-
-def removal_schedule(height: int, width: int, fraction: float = 0.25,
-                     points: int = 128) -> np.ndarray:
-  """The numbers of removed pixels at which the model is evaluated.
-
-  As the original: max_idx = int(fraction*H*W), stride = max_idx // points, and
-  every count 0, stride, ... up to max_idx: for 32x32, 0, 2, ..., 256 (129 points).
-  When max_idx < points the original's stride is 0 (a modulo by zero); here it is
-  1, i.e. every count 0..max_idx. When points does not divide max_idx there are
-  more than points + 1 counts, as in the original (28x28: stride 1, 197 counts).
-  """
-  max_idx = int(fraction * height * width)
-  return np.arange(0, max_idx + 1, max(1, max_idx // points))
-
-
-def removal_ranks(maps: jax.Array, order: str = "least") -> jax.Array:
-  """(N, H, W) signed maps -> (N, H, W) int32: the step at which each pixel is
-  removed (rank 0 first). "least" removes the lowest (most negative) values
-  first, as np.argsort of the flattened map; "most" is the reversed order.
-  The sort is stable (the original's np.argsort is not; ties are rare)."""
-  if order not in ORDERS:
-    raise ValueError(f"order must be one of {ORDERS}, got {order!r}.")
-  n, h, w = maps.shape
-  ranking = jnp.argsort(maps.reshape(n, h * w), axis=1, stable=True)
-  if order == "most":
-    ranking = ranking[:, ::-1]
-  return jnp.argsort(ranking, axis=1).astype(jnp.int32).reshape(n, h, w)
-
-
-@jax.jit(static_argnames=("model", "fill"))
-def _removal_probs(model, variables, h, ranks, counts, targets, image, point, fill):
-  """sigmoid(target logit) of image[j] with its first counts[point[j]] pixels removed."""
-  keep = ranks[image] >= counts[point][:, None, None]           # (B, H, W)
-  c = h.shape[-1] // 2
-  value = jnp.zeros(2 * c) if fill == "encoded_zero" else jnp.repeat(jnp.array([0.0, 1.0]), c)
-  masked = jnp.where(keep[..., None], h[image], value)          # [0, 1] encodes RGB 0.
-  logits = model.apply(variables, masked, method=models.CoDANet.encoded_logits)
-  return jax.nn.sigmoid(jnp.take_along_axis(logits, targets[image][:, None], axis=1)[:, 0])
-
-
-def pixel_removal_curves(model, variables, x, maps, targets, fraction: float = 0.25,
-                         points: int = 128, order: str = "least", fill: str = "encoded_zero",
-                         batch_size: int = 256) -> np.ndarray:
-  """(N, P) sigmoid of the target logit after removing `removal_schedule` pixels.
-
-  Args:
-    model, variables: a `models.CoDANet` and its variables.
-    x: images (N, H, W, C) in [0, 1]; the original uses the first 1024 test images.
-    maps: (N, H, W) signed attributions for the targets, summed over channels,
-      e.g. attribute_fn(x, targets[:, None])[:, 0].
-    targets: (N,) int, the true classes.
-    fraction, points: see `removal_schedule`; order: see `removal_ranks`.
-    fill: "encoded_zero" (original) sets all 2C channels of [x, 1 - x] to 0, so a
-      removed pixel contributes exactly 0; "black" sets the pixel to RGB 0, [0, 1].
-    batch_size: masked images per forward; the last batch is padded.
-  The mean over images (axis 0) is the original's stored curve.
-  """
-  if fill not in FILLS:
-    raise ValueError(f"fill must be one of {FILLS}, got {fill!r}.")
-  x, maps, targets = jnp.asarray(x), jnp.asarray(maps), jnp.asarray(targets)
-  if maps.shape != x.shape[:3] or targets.shape != x.shape[:1]:
-    raise ValueError(
-        f"pixel_removal_curves: maps must be (N, H, W) = {x.shape[:3]} and targets (N,) = "
-        f"{x.shape[:1]}; got {maps.shape} and {targets.shape}. Take one map per image, "
-        "e.g. attribute_fn(x, targets[:, None])[:, 0].")
-  counts = removal_schedule(x.shape[1], x.shape[2], fraction, points)
-  h = model.apply(variables, x, method=models.CoDANet.encode)
-  ranks = removal_ranks(maps, order)
-  # Every (image, point) pair is one masked forward; a batch takes batch_size
-  # consecutive pairs, so one compile serves all of them.
-  total = x.shape[0] * len(counts)
-  probs = []
-  for start in range(0, total, batch_size):
-    pair = np.arange(start, start + batch_size) % total
-    probs.append(_removal_probs(model, variables, h, ranks, jnp.asarray(counts), targets,
-                                jnp.asarray(pair // len(counts)),
-                                jnp.asarray(pair % len(counts)), fill))
-  return np.asarray(jnp.concatenate(probs)[:total]).reshape(x.shape[0], len(counts))
-
-
-# ----------------------------------------------------------------------------
-# Summaries.
-# ----------------------------------------------------------------------------
-
-
-def score_summary(scores) -> dict:
-  """Mean, median, quartiles and std of per-target scores (e.g. the 4,500
-  localisation scores), as JSON-able floats."""
-  s = np.asarray(scores, np.float64).ravel()
-  q1, median, q3 = np.percentile(s, [25, 50, 75])
-  return {"count": int(s.size), "mean": float(s.mean()), "median": float(median),
-          "q1": float(q1), "q3": float(q3), "std": float(s.std())}
-
-
-# The independent unit of each metric, for confidence intervals (codajax.bootstrap).
-UNITS = {"localisation": "grids", "pixel_removal": "images"}
-
-
-def unit_values(metric: str, scores) -> np.ndarray:
-  """One value per independent unit, whose mean is the metric's headline: the
-  mean score of each grid (its n*n scores share its images; scores (G, n*n)),
-  or each image's value at the last removal point (curves (N, P))."""
-  scores = np.asarray(scores, np.float64)
-  return scores.mean(axis=1) if metric == "localisation" else scores[:, -1]
-
-
-def curve_summary(curves, fraction: float = 0.25) -> dict:
-  """Of removal curves (N, P) or their mean (P,): the mean curve, its mean over
-  the P points ("curve area"), the first (unperturbed) and last (at `fraction`
-  of the pixels removed) values, as JSON-able floats."""
-  curves = np.asarray(curves, np.float64)
-  mean = curves.mean(axis=0) if curves.ndim == 2 else curves
-  return {"curve": [float(v) for v in mean], "curve_mean": float(mean.mean()),
-          "first": float(mean[0]), "last": float(mean[-1]), "fraction": float(fraction)}
+def _figures(out_dir, e, images, grids, info, results: dict, summary: dict) -> list:
+  """The three figures, from `results` {(metric, method): Stored}: every
+  configured result, each done (checked or just written), with the intervals
+  of `summary` (`uncertainty`)."""
+  paths, n = [], e.grid_size
+  names = info.class_names or tuple(str(i) for i in range(info.num_classes))
+  loc = {m: r.scores for (metric, m), r in results.items() if metric == "localisation"}
+  if loc:
+    intervals = {m: (v["mean"], v["low"], v["high"])
+                 for m, v in summary["localisation"]["methods"].items()}
+    paths.append(plotting.plot_localisation(loc, os.path.join(out_dir, "localisation.png"),
+                                            n=n, intervals=intervals))
+  curves = {m: r.scores for (metric, m), r in results.items() if metric == "pixel_removal"}
+  if curves:
+    bands = {m: bootstrap.curve_band(c, num_resamples=e.bootstrap_resamples,
+                                     seed=e.bootstrap_seed)
+             for m, c in curves.items() if len(c) > 1}
+    paths.append(plotting.plot_pixel_removal(
+        curves, os.path.join(out_dir, "pixel_removal.png"), fraction=e.fraction, bands=bands))
+  comparison = {m: r.maps for (got, m), r in results.items() if got == "localisation"}
+  if comparison and e.num_comparison:  # Grids: localisation was run.
+    k = min(e.num_comparison, *(len(v) for v in comparison.values()))
+    paths.append(plotting.plot_comparison(
+        metrics.tile(images[grids.indices[:k]], n), {m: v[:k] for m, v in comparison.items()},
+        [[names[c] for c in row] for row in grids.classes[:k]],
+        os.path.join(out_dir, "comparison.png")))
+  return paths

@@ -158,7 +158,7 @@ def save(fig, path: str) -> str:
 
 
 # ------------------------------------------------- interpretability evaluation
-# (--mode evaluate, codajax.interpretability)
+# (--mode evaluate, codajax.evaluation)
 
 METHOD_LABELS = {"ours": "Ours", "grad": "Grad", "ixg": "IxG", "intgrad": "IntGrad",
                  "deeplift": "DeepLIFT", "gradcam": "GradCAM", "occ5": "Occ5",

@@ -21,7 +21,7 @@ Methods on the same model are compared on the same grids (images), paired:
 grids and images are drawn in a fixed sequence, so a method run on fewer
 grids is paired with the first ones of the other. Ours across T compares
 different models, whose grids differ: unpaired. Nothing is recomputed here;
-every result is read back with its files checked (`interpretability.stored_result`).
+every result is read back with its files checked (`evaluation.stored_result`).
 """
 
 import glob
@@ -33,8 +33,8 @@ import sys
 import numpy as np
 
 from codajax import bootstrap
+from codajax import metrics
 from codajax import evaluation
-from codajax import interpretability
 from codajax import plotting
 
 PLATEAU_POINTS = 0.5  # Top-1 points the last 20% of training may gain at a plateau.
@@ -89,7 +89,7 @@ def results(workdir: str, metric: str) -> dict:
   found = {}
   for path in sorted(glob.glob(os.path.join(out_dir, metric, "*.json"))):
     method = os.path.basename(path)[:-len(".json")]
-    stored, why = interpretability.stored_result(out_dir, metric, method, None)
+    stored, why = evaluation.stored_result(out_dir, metric, method, None)
     if stored is None:
       raise ReportError(f"{why or path + ' has no result'} Rerun "
                         "launch/reproduce_fashion_mnist.sh to recompute it.")
@@ -121,7 +121,7 @@ def report(root: str, out: str, **opts) -> str:
   curves = {t: accuracy_curve(w) for t, w in found.items()}
   loc = {t: results(w, "localisation") for t, w in found.items()}
   removal = results(found[top], "pixel_removal")
-  units = {t: {m: evaluation.unit_values("localisation", r.scores) for m, r in v.items()}
+  units = {t: {m: metrics.unit_values("localisation", r.scores) for m, r in v.items()}
            for t, v in loc.items()}
   lines = ["| T | test top-1 | gain in the last 20% of steps | steps | plateau |",
            "|---|---|---|---|---|"]
@@ -146,7 +146,7 @@ def report(root: str, out: str, **opts) -> str:
            for m in ("ours", "gradcam")]
     lines.append(f"| {t} | {len(units[t].get('ours', []))} | {' | '.join(row)} | "
                  f"{PAPER.get(f'T{t}', '')} |")
-  r_units = {m: evaluation.unit_values("pixel_removal", r.scores) for m, r in removal.items()}
+  r_units = {m: metrics.unit_values("pixel_removal", r.scores) for m, r in removal.items()}
   lines += ["", f"Pixel removal at T = {top}: true-class probability with 25% of the pixels "
             "removed, least important first (mean [95% CI] over images):", "",
             "| method | images | unperturbed | at 25% removed |", "|---|---|---|---|"]
@@ -182,7 +182,7 @@ def _figures(out: str, curves: dict, loc: dict, removal: dict, opts: dict) -> No
   ax.legend(fontsize=8)
   plotting.save(fig, os.path.join(out, "accuracy.png"))
   scores = {m: r.scores for m, r in loc.items()}
-  intervals = {m: bootstrap.mean_interval(evaluation.unit_values("localisation", s), **opts)
+  intervals = {m: bootstrap.mean_interval(metrics.unit_values("localisation", s), **opts)
                for m, s in scores.items()}
   plotting.plot_localisation(scores, os.path.join(out, "localisation.png"),
                              n=int(np.sqrt(next(iter(scores.values())).shape[1])),

@@ -41,7 +41,7 @@ import orbax.checkpoint as ocp
 from codajax import checkpoint
 from codajax import config_lib
 from codajax import input_pipeline
-from codajax import interpretability
+from codajax import evaluation
 from codajax import models
 from codajax import plotting
 from codajax import steps
@@ -420,12 +420,12 @@ def explain_mode(run: Run, stops: Sequence[str] = ()) -> Result:
 
 def evaluate_mode(run: Run, stops: Sequence[str] = ()) -> Result:
   """The interpretability evaluation of the restored parameters, into
-  <workdir>/evaluation/ (`codajax.interpretability`); `stops` (see
+  <workdir>/evaluation/ (`codajax.evaluation`); `stops` (see
   `_stop_requests`) ends it once the result in flight is written."""
   try:
     _require_checkpoint(run, "evaluate")
     out_dir = os.path.join(run.workdir, "evaluation")
-    result = interpretability.evaluate(
+    result = evaluation.evaluate(
         run.model, {"params": run.state.params}, run.config, run.info, run.start,
         out_dir, run.batch_sharding, meta=run.meta, stops=stops)
     if "preempted" in result:

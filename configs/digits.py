@@ -14,7 +14,7 @@ then writes contribution-map figures to workdirs/digits/explanations/.
 
 then runs a tiny interpretability evaluation (16 2x2 grids of 32x32, 32
 images, three methods; about 40 s on 2 CPU cores; see
-codajax/interpretability.py) into workdirs/digits/evaluation/.
+codajax/evaluation.py) into workdirs/digits/evaluation/.
 """
 
 from codajax import config_lib

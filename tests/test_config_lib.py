@@ -322,11 +322,11 @@ def test_known_values_agree_with_the_modules():
   assert config_lib.IMPLS == models.IMPLS
   assert config_lib.CONTRACTIONS == models.CONTRACTIONS
   assert config_lib.NORMS == dau.NORMS
-  from codajax import attribution, evaluation  # pylint: disable=g-import-not-at-top
+  from codajax import attribution, metrics  # pylint: disable=g-import-not-at-top
   assert attribution.METHODS == tuple(config_lib.ATTRIBUTION_OPTIONS)
   assert set(config_lib.PAPER_METHODS) <= set(attribution.METHODS)
-  assert config_lib.REMOVAL_ORDERS == evaluation.ORDERS
-  assert config_lib.REMOVAL_FILLS == evaluation.FILLS
+  assert config_lib.REMOVAL_ORDERS == metrics.ORDERS
+  assert config_lib.REMOVAL_FILLS == metrics.FILLS
   c = digits.get_config("tiny")
   for schedule in config_lib.LR_SCHEDULES:  # steps knows every one.
     c.lr_schedule = schedule

@@ -1,374 +1,345 @@
-"""Tests for codajax.evaluation: the localisation score and its grid layout, the
-grid selection against a transcription of the authors' code, pixel removal
-against the contributions at the masked input, and the summaries."""
+"""--mode evaluate end to end on the digits config (codajax.evaluation)."""
 
-import functools
 import json
+import logging
+import os
+import shutil
 
-import chex
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from codajax import architectures
+from codajax import attribution
+from codajax import bootstrap
+from codajax import config_lib
+from codajax import input_pipeline
 from codajax import evaluation
-from codajax import explain
-from codajax import models
+from codajax import plotting
+from codajax import train
+from configs import digits as digits_config
+from configs import image_folder as image_folder_config
+
+METHODS = ("ours", "ixg", "occ5")
 
 
-# ----------------------------------------------------------------------------
-# Localisation scores.
-# ----------------------------------------------------------------------------
+def digits_evaluation(**options):
+  c = digits_config.get_config("tiny")
+  c.update(num_steps=40, batch_size=32, eval_batch_size=360, learning_rate=2e-3,
+           log_every_steps=40, eval_every_steps=40, checkpoint_every_steps=40,
+           explain_at_end=False)
+  # conf_thresh 0: a 40-step model has few confident images.
+  c.evaluation.update(methods=METHODS, grid_size=2, num_grids=4, conf_thresh=0.0,
+                      num_images=8, points=8, batch_size=4, num_comparison=2)
+  c.evaluation.update(evaluation)
+  return c
 
 
-def _cell_mask(k, n, h, w):
-  mask = np.zeros((n * h, n * w), bool)
-  mask[evaluation.cell_slices(k, n, h, w)] = True
-  return mask
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("digits"))
+  train.train_and_evaluate(digits_evaluation(), workdir)
+  return workdir
 
 
-@pytest.mark.parametrize("n", [2, 3])
-def test_map_positive_in_one_cell_scores_one_there_and_zero_elsewhere(n):
-  h, w = 4, 5
-  rng = np.random.default_rng(n)
-  maps = []
-  for j in range(n * n):
-    # Positive in cell j, negative everywhere else: the clamp removes the rest.
-    m = np.where(_cell_mask(j, n, h, w), rng.uniform(0.1, 1, (n * h, n * w)),
-                 -rng.uniform(0, 1, (n * h, n * w)))
-    maps.append(np.broadcast_to(m, (n * n, n * h, n * w)))
-  scores = evaluation.localisation_scores(jnp.asarray(np.stack(maps), jnp.float32), n)
-  np.testing.assert_allclose(scores, np.eye(n * n), atol=1e-6)
+def stored(workdir, metric, method):
+  with open(os.path.join(workdir, "evaluation", metric, f"{method}.json")) as f:
+    lines = f.read().splitlines()
+  assert len(lines) == 1  # One JSON line.
+  return json.loads(lines[0])
 
 
-@pytest.mark.parametrize("n", [2, 3])
-def test_uniform_map_scores_one_over_n_squared(n):
-  maps = jnp.full((2, n * n, 6 * n, 4 * n), 0.3)
-  np.testing.assert_allclose(evaluation.localisation_scores(maps, n), 1 / n**2, rtol=1e-6)
+def count_calls(monkeypatch, fail=()):
+  """Counts attribution.attribute calls per method; raises for methods in `fail`."""
+  calls = {}
+  original = attribution.attribute
+
+  def attribute(method, *args, **kw):
+    if method in fail:
+      raise KeyboardInterrupt(f"killed during {method}")
+    calls[method] = calls.get(method, 0) + 1
+    return original(method, *args, **kw)
+  monkeypatch.setattr(attribution, "attribute", attribute)
+  return calls
 
 
-def test_zero_or_negative_map_scores_zero():
-  maps = -jnp.abs(jax.random.normal(jax.random.key(0), (3, 9, 12, 12)))
-  maps = maps.at[0].set(0.0)
-  np.testing.assert_array_equal(evaluation.localisation_scores(maps, 3), 0.0)
+def test_evaluate_writes_scores_summaries_and_figures_and_resumes(trained, monkeypatch):
+  workdir = trained
+  out = os.path.join(workdir, "evaluation")
+  # A run killed during occ5 keeps the methods finished before it.
+  calls = count_calls(monkeypatch, fail=("occ5",))
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(digits_evaluation(), workdir, mode="evaluate")
+  assert sorted(os.listdir(os.path.join(out, "localisation"))) == [
+      "ixg.json", "ixg.npy", "ixg_maps.npy", "ours.json", "ours.npy", "ours_maps.npy"]
+  monkeypatch.undo()
+
+  calls = count_calls(monkeypatch)
+  result = train.train_and_evaluate(digits_evaluation(), workdir, mode="evaluate")
+  assert set(calls) == {"occ5", "ours", "ixg"}  # occ5 for both metrics ...
+  assert calls["ours"] == calls["ixg"] == 2  # ... the others for pixel removal only.
+  assert result["step"] == 40
+  assert sorted(map(os.path.basename, result["figures"])) == [
+      "comparison.png", "localisation.png", "pixel_removal.png"]
+  for path in result["figures"]:
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+  for method in METHODS:
+    loc = stored(workdir, "localisation", method)
+    scores = np.load(os.path.join(out, "localisation", f"{method}.npy"))
+    assert scores.shape == (4, 4) and ((scores >= 0) & (scores <= 1)).all()
+    assert loc["step"] == 40 and loc["count"] == 16
+    np.testing.assert_allclose(loc["mean"], scores.mean(), rtol=1e-6)
+    np.testing.assert_allclose([loc["q1"], loc["median"], loc["q3"]],
+                               np.percentile(scores, [25, 50, 75]), rtol=1e-6)
+    assert loc["settings"]["metric"]["grid_size"] == 2
+    assert loc["settings"]["options"] == dict(config_lib.ATTRIBUTION_OPTIONS[method])
+    assert result[f"localisation/{method}"] == loc["mean"]
+    assert np.load(os.path.join(out, "localisation", f"{method}_maps.npy")).shape == (
+        2, 4, 32, 32)
+
+    removal = stored(workdir, "pixel_removal", method)
+    curves = np.load(os.path.join(out, "pixel_removal", f"{method}.npy"))
+    assert curves.shape == (8, 9)  # 64 of 256 pixels in 8 steps of 8: 9 points.
+    np.testing.assert_allclose(removal["curve"], curves.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(removal["curve_mean"], curves.mean(), rtol=1e-6)
+    assert removal["last"] == result[f"pixel_removal/{method}"]
+    assert removal["settings"]["metric"]["fill"] == "encoded_zero"
+    for line in (loc, removal):  # Digits come in no known order: a seeded shuffle.
+      assert line["data"]["image_order"] == "shuffled" and line["data"]["image_seed"] == 42
+      assert line["checkpoint"]["step"] == 40 and len(line["checkpoint"]["params"]) == 64
+  # Unperturbed, every method starts from the same probabilities.
+  first = [np.load(os.path.join(out, "pixel_removal", f"{m}.npy"))[:, 0] for m in METHODS]
+  np.testing.assert_array_equal(first[0], first[1])
+  monkeypatch.undo()
+
+  # Run again: nothing recomputed; with another occ5 option only occ5 is.
+  calls = count_calls(monkeypatch)
+  again = train.train_and_evaluate(digits_evaluation(), workdir, mode="evaluate")
+  assert calls == {}
+  assert {k: v for k, v in again.items() if k != "figures"} == {
+      k: v for k, v in result.items() if k != "figures"}
+  config = digits_evaluation()
+  config.evaluation.options.occ5.exact_patch = True
+  train.train_and_evaluate(config, workdir, mode="evaluate")
+  assert set(calls) == {"occ5"}
+  assert stored(workdir, "localisation", "occ5")["settings"]["options"]["exact_patch"]
 
 
-def _original_scores(maps, n):
-  """The authors' lines, in numpy: clamp, avg_pool over the cells, permute(0, 1, 3, 2),
-  torch.where(total * contribs > 0, contribs / total, 0), the diagonal."""
-  g, k, gh, gw = maps.shape
-  a = np.maximum(maps, 0)
-  pooled = a.reshape(g, k, n, gh // n, n, gw // n).mean(axis=(3, 5))
-  contribs = pooled.transpose(0, 1, 3, 2).reshape(g, k, -1)
-  total = contribs.sum(-1, keepdims=True)
-  ratio = np.where(total * contribs > 0, contribs / np.where(total > 0, total, 1), 0)
-  return np.stack([r[np.arange(k), np.arange(k)] for r in ratio])
+def test_too_few_confident_images_is_one_line(trained):
+  config = digits_evaluation(num_grids=10_000)
+  with pytest.raises(config_lib.ConfigError, match=(
+      r"config.evaluation.num_grids=10000: make_grids: .* grids of 2x2, not 10000")):
+    train.train_and_evaluate(config, trained, mode="evaluate")
 
 
-def test_scores_match_the_original_on_random_maps():
-  maps = np.random.default_rng(0).normal(size=(4, 9, 24, 24)).astype(np.float32)
-  np.testing.assert_allclose(evaluation.localisation_scores(jnp.asarray(maps), 3),
-                             _original_scores(maps, 3), rtol=1e-5, atol=1e-7)
+def test_pixel_removal_alone_draws_only_its_figure(trained):
+  """Without localisation there are no grids: no comparison figure (it crashed
+  when an earlier run had stored comparison maps)."""
+  os.makedirs(os.path.join(trained, "evaluation", "localisation"), exist_ok=True)
+  np.save(os.path.join(trained, "evaluation", "localisation", "ours_maps.npy"),
+          np.zeros((2, 4, 32, 32), np.float32))
+  result = train.train_and_evaluate(digits_evaluation(metrics=("pixel_removal",),
+                                                      methods=("ours",)),
+                                    trained, mode="evaluate")
+  assert [os.path.basename(p) for p in result["figures"]] == ["pixel_removal.png"]
+  assert set(result) == {"step", "pixel_removal/ours", "figures"}
 
 
-@pytest.mark.parametrize("smooth", [3, 5])
-def test_smoothing_a_uniform_map_moves_mass_out_of_the_border_cells(smooth):
-  # count_include_pad=True: pixel (r, c) of a uniform map becomes f(r) f(c) / s^2,
-  # f the number of window rows inside the image, so a cell's mass is separable.
-  n, h = 3, 6
-  p = (smooth - 1) // 2
-  f = np.array([min(r + p, n * h - 1) - max(r - p, 0) + 1 for r in range(n * h)])
-  band = f.reshape(n, h).sum(1)                      # per grid row (= per column)
-  mass = np.outer(band, band)                        # [row, col]
-  expected = np.array([mass[k % n, k // n] for k in range(n * n)]) / mass.sum()
-  scores = evaluation.localisation_scores(jnp.ones((1, n * n, n * h, n * h)), n, smooth)
-  np.testing.assert_allclose(scores[0], expected, rtol=1e-6)
-  assert scores[0, 4] > 1 / 9 > scores[0, 0]  # The centre gains, the corners lose.
+# ------------------------------------------- results that cannot be trusted
+
+TWO = ("ours", "ixg")
 
 
-def test_smoothing_is_before_the_clamp_and_matches_a_direct_average():
-  n, s = 2, 3
-  maps = np.random.default_rng(1).normal(size=(2, 4, 10, 10)).astype(np.float32)
-  padded = np.pad(maps, ((0, 0), (0, 0), (1, 1), (1, 1)))
-  pooled = sum(padded[..., dy:dy + 10, dx:dx + 10] for dy in range(s) for dx in range(s)) / s**2
-  np.testing.assert_allclose(evaluation.localisation_scores(jnp.asarray(maps), n, s),
-                             _original_scores(pooled, n), rtol=1e-5, atol=1e-7)
-  # smooth=1 is no smoothing.
-  np.testing.assert_allclose(evaluation.localisation_scores(jnp.asarray(maps), n, 1),
-                             _original_scores(maps, n), rtol=1e-5, atol=1e-7)
+def copy_checkpoints(trained, workdir):
+  """A workdir holding only the trained checkpoints (no evaluation yet)."""
+  shutil.copytree(os.path.join(trained, "checkpoints"), os.path.join(workdir, "checkpoints"))
+  return str(workdir)
 
 
-def test_even_smoothing_window_is_an_error():
-  with pytest.raises(ValueError, match="smooth must be odd"):
-    evaluation.localisation_scores(jnp.ones((1, 4, 8, 8)), 2, 2)
+def scores_of(workdir, methods=TWO):
+  """{(metric, method, suffix): the stored array} of every result file."""
+  out = os.path.join(workdir, "evaluation")
+  return {(metric, m, suffix): np.load(os.path.join(out, metric, f"{m}{suffix}.npy"))
+          for metric in config_lib.METRICS for m in methods
+          for suffix in ("", "_maps") if metric == "localisation" or not suffix}
 
 
-# ----------------------------------------------------------------------------
-# Grid layout.
-# ----------------------------------------------------------------------------
+def warnings_of(caplog):
+  return [r.getMessage() for r in caplog.records
+          if r.levelno >= logging.WARNING and r.getMessage().startswith("evaluate:")]
 
 
-@pytest.mark.parametrize("n", [2, 3])
-def test_tile_is_column_major_and_untile_inverts_it(n):
-  h, w, c = 3, 4, 2
-  images = np.random.default_rng(0).uniform(size=(2, n * n, h, w, c))
-  grid = evaluation.tile(images, n)
-  chex.assert_shape(grid, (2, n * h, n * w, c))
-  # The original, in NCHW: view(-1, n, n, C, H, W).permute(0, 3, 2, 4, 1, 5).
-  nchw = images.transpose(0, 1, 4, 2, 3)
-  original = nchw.reshape(-1, n, n, c, h, w).transpose(0, 3, 2, 4, 1, 5).reshape(
-      -1, c, n * h, n * w)
-  np.testing.assert_array_equal(grid, original.transpose(0, 2, 3, 1))
-  for k in range(n * n):
-    rows, cols = evaluation.cell_slices(k, n, h, w)
-    assert (rows.start, cols.start) == ((k % n) * h, (k // n) * w)
-    np.testing.assert_array_equal(grid[:, rows, cols], images[:, k])
-  np.testing.assert_array_equal(evaluation.untile(grid, n), images)
+def headlines(result):
+  return {k: v for k, v in result.items() if k != "figures"}
 
 
-# ----------------------------------------------------------------------------
-# Grid selection.
-# ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def evaluated(trained, tmp_path_factory):
+  """A workdir with the trained checkpoints, evaluated for ours and ixg."""
+  workdir = copy_checkpoints(trained, tmp_path_factory.mktemp("evaluated"))
+  result = train.train_and_evaluate(digits_evaluation(methods=TWO), workdir, mode="evaluate")
+  return workdir, result
 
 
-def _original_grids(logits, labels, n_imgs, sample_size):
-  """A direct transcription of LocalisationAnalyser's compute_sorted_confs,
-  get_sorted_indices and make_multi_image (the global numpy RNG, seed 42)."""
-  confs = {c: [] for c in range(logits.shape[1])}
-  for idx, (row, gt) in enumerate(zip(logits, labels)):
-    if row.argmax() != gt:
+def test_a_changed_model_recomputes_every_result(evaluated, tmp_path, monkeypatch, caplog):
+  """Stored scores hold only for the model they were computed with: with another
+  temperature every result is recomputed, as a fresh evaluation computes it."""
+  workdir = str(tmp_path / "changed")
+  shutil.copytree(evaluated[0], workdir)
+  config = digits_evaluation(methods=TWO)
+  config.model.temperature = 5.0  # The tiny digits net has 10.
+  calls = count_calls(monkeypatch)
+  caplog.set_level(logging.INFO)
+  changed = train.train_and_evaluate(config, workdir, mode="evaluate")
+  assert calls == {"ours": 3, "ixg": 3}  # 1 call of 4 grids, 2 of 4 images each.
+  stale = warnings_of(caplog)
+  assert len(stale) == 4 and all(
+      "stored result is stale (model.temperature 10.0 -> 5.0); recomputing." in w
+      for w in stale), stale
+  for metric in config_lib.METRICS:
+    assert stored(workdir, metric, "ours")["model"]["temperature"] == 5.0
+  monkeypatch.undo()
+
+  fresh_dir = copy_checkpoints(evaluated[0], tmp_path / "fresh")
+  fresh = train.train_and_evaluate(config, fresh_dir, mode="evaluate")
+  assert headlines(changed) == headlines(fresh)
+  want = scores_of(fresh_dir)
+  for key, got in scores_of(workdir).items():
+    np.testing.assert_array_equal(got, want[key], err_msg=str(key))
+  # The removal curves do change with the temperature (localisation need not).
+  assert changed["pixel_removal/ours"] != evaluated[1]["pixel_removal/ours"]
+
+
+def test_missing_or_damaged_files_are_recomputed(evaluated, tmp_path, monkeypatch, caplog):
+  """A result is done only when its files agree with its summary line; any
+  other is recomputed after one warning naming the file, and drawn."""
+  workdir = str(tmp_path / "damaged")
+  shutil.copytree(evaluated[0], workdir)
+  out = os.path.join(workdir, "evaluation")
+  before = scores_of(workdir)
+  os.remove(os.path.join(out, "localisation", "ixg.npy"))
+  with open(os.path.join(out, "localisation", "ours_maps.npy"), "r+b") as f:
+    f.truncate(os.path.getsize(f.name) // 2)  # Mid-data.
+  with open(os.path.join(out, "pixel_removal", "ours.npy"), "r+b") as f:
+    f.truncate(20)  # In the header.
+  np.save(os.path.join(out, "pixel_removal", "ixg.npy"),  # Readable, but not the scores.
+          np.zeros_like(before["pixel_removal", "ixg", ""]))
+  calls = count_calls(monkeypatch)
+  drawn = {}
+  draw = plotting.plot_localisation
+  monkeypatch.setattr(plotting, "plot_localisation",
+                      lambda scores, *a, **k: drawn.update(scores) or draw(scores, *a, **k))
+  caplog.set_level(logging.INFO)
+  result = train.train_and_evaluate(digits_evaluation(methods=TWO), workdir, mode="evaluate")
+  assert calls == {"ours": 3, "ixg": 3}  # Every result, each once.
+  warned = warnings_of(caplog)
+  assert len(warned) == 4, warned
+  for name in ("localisation/ixg.npy is missing;", "localisation/ours_maps.npy is damaged (",
+               "pixel_removal/ours.npy is damaged (", "pixel_removal/ixg.npy is damaged (its "
+               "sha256 differs from its summary's)"):
+    assert sum(w.startswith(f"evaluate: {out}/{name}") for w in warned) == 1, (name, warned)
+  assert all(w.endswith("; recomputing it.") and "\n" not in w for w in warned)
+  assert set(drawn) == set(TWO)
+  for key, got in scores_of(workdir).items():
+    np.testing.assert_array_equal(got, before[key], err_msg=str(key))
+  assert headlines(result) == headlines(evaluated[1])
+  for metric in config_lib.METRICS:  # Done again: the files agree with the line.
+    line = stored(workdir, metric, "ixg")
+    record = {k: line[k] for k in ("checkpoint", "model", "data", "settings")}
+    done, why = evaluation.stored_result(out, metric, "ixg", record)
+    assert why is None and done.line["files"]["ixg.npy"]["count"] == done.scores.size
+
+
+def test_a_stop_request_ends_after_the_result_in_flight(evaluated, tmp_path, monkeypatch):
+  """`stops` filled while ixg's localisation runs: that result is written
+  whole, nothing after it runs, and the rerun computes only the rest."""
+  workdir = copy_checkpoints(evaluated[0], tmp_path / "stopped")
+  out = os.path.join(workdir, "evaluation")
+  stops, calls = [], []
+  original = attribution.attribute
+
+  def attribute(method, *args, **kw):
+    calls.append(method)
+    if method == "ixg":
+      stops.append("SIGTERM")
+    return original(method, *args, **kw)
+  monkeypatch.setattr(attribution, "attribute", attribute)
+  run = train.setup(digits_evaluation(methods=TWO), workdir, "evaluate")
+  try:
+    result = evaluation.evaluate(run.model, {"params": run.state.params}, run.config,
+                                       run.info, run.start, out, run.batch_sharding,
+                                       meta=run.meta, stops=stops)
+  finally:
+    run.close()
+  assert calls == ["ours", "ixg"]  # One call of 4 grids each; no pixel removal.
+  assert result["preempted"] == {"signal": "SIGTERM",
+                                 "kept": ["localisation/ours", "localisation/ixg"]}
+  assert result["figures"] == [] and set(result) == {
+      "localisation/ours", "localisation/ixg", "figures", "preempted"}
+  assert not os.path.exists(os.path.join(out, "pixel_removal"))
+  assert sorted(os.listdir(os.path.join(out, "localisation"))) == [
+      "ixg.json", "ixg.npy", "ixg_maps.npy", "ours.json", "ours.npy", "ours_maps.npy"]
+  monkeypatch.undo()
+  counted = count_calls(monkeypatch)
+  again = train.train_and_evaluate(digits_evaluation(methods=TWO), workdir, mode="evaluate")
+  assert counted == {"ours": 2, "ixg": 2}  # Pixel removal only.
+  assert headlines(again) == headlines(evaluated[1])
+
+
+def test_class_sorted_test_images_are_shuffled(tmp_path):
+  """An image folder's test split comes class by class: the images both metrics
+  see first are a seeded shuffle of it, unless image_order='dataset'."""
+  for split, per_class in (("train", 1), ("test", 6)):
+    for c, color in enumerate(((255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 9, 9))):
+      folder = tmp_path / split / f"class{c}"
+      folder.mkdir(parents=True)
+      for i in range(per_class):
+        image = np.broadcast_to(np.array(color, np.uint8), (8, 8, 3))
+        (folder / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
+  config = image_folder_config.get_config("tiny")
+  config.update(data_dir=str(tmp_path), image_size=8)
+  config.evaluation.num_images = 6
+  info = input_pipeline.get_info(config)
+  assert config_lib.image_order(config) == "shuffled"
+  images, labels = evaluation.evaluation_images(config, info)
+  assert set(labels[:6]) == {0, 1, 2, 3}  # The first num_images cover every class.
+  assert sorted(labels) == [0] * 6 + [1] * 6 + [2] * 6 + [3] * 6  # The whole split ...
+  again = evaluation.evaluation_images(config, info)  # ... in a seeded order.
+  np.testing.assert_array_equal(again[1], labels)
+  np.testing.assert_array_equal(again[0], images)
+  assert evaluation.data_record(config)["image_seed"] == 42
+  config.evaluation.image_order = "dataset"  # As read: one class after another.
+  np.testing.assert_array_equal(evaluation.evaluation_images(config, info)[1][:6], [0] * 6)
+  assert evaluation.data_record(config)["image_seed"] is None
+
+
+def test_summary_holds_the_bootstrap_intervals_and_paired_differences(evaluated):
+  """evaluation/summary.json, checked against a direct computation: the mean of
+  each method with its CI over whole grids (localisation) or images (pixel
+  removal), and ours - ixg on the same grids and images."""
+  workdir, _ = evaluated
+  e = digits_evaluation(methods=TWO).evaluation
+  with open(os.path.join(workdir, "evaluation", "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["bootstrap"] == {
+      "resamples": e.bootstrap_resamples, "seed": e.bootstrap_seed, "confidence": 0.95,
+      "units": {"localisation": "grids", "pixel_removal": "images"}}
+  opts = dict(num_resamples=e.bootstrap_resamples, seed=e.bootstrap_seed)
+  scores = scores_of(workdir)
+  units = {("localisation", m): scores["localisation", m, ""].mean(axis=1) for m in TWO}
+  units.update({("pixel_removal", m): scores["pixel_removal", m, ""][:, -1] for m in TWO})
+  for (metric, method), v in units.items():
+    assert len(v) == (4 if metric == "localisation" else 8)  # Grids; images.
+    got = summary[metric]["methods"][method]
+    want = bootstrap.mean_interval(v, **opts)
+    assert got == {"mean": pytest.approx(want.mean), "low": pytest.approx(want.low),
+                   "high": pytest.approx(want.high), "n": len(v)}
+    assert got["mean"] == pytest.approx(stored(workdir, metric, method)["headline"])
+    diff, share = bootstrap.paired_difference(units[metric, "ours"], v, **opts)
+    if method == "ours":
+      assert method not in summary[metric].get("ours_minus", {})
       continue
-    confs[int(gt)].append((idx, float(row.max())))
-  confs = {k: sorted(v, key=lambda x: x[1], reverse=True) for k, v in confs.items()}
-  sigmoid = lambda v: 1 / (1 + np.exp(-np.float32(v)))
-  idcs, classes = [], np.array(list(confs))
-  indexer = {k: 0 for k in classes}
-  conf_mask = lambda c: sigmoid(confs[c][indexer[c]][1]) > .5
-  mask = np.array([conf_mask(k) for k in classes])
-  state = np.random.get_state()
-  np.random.seed(42)
-  while mask.sum() > n_imgs:
-    for c in np.random.choice(classes[mask], size=n_imgs, replace=False):
-      img_idx, _ = confs[c][indexer[c]]
-      indexer[c] += 1
-      mask[c] = conf_mask(c) if indexer[c] < len(confs[c]) else False
-      idcs.append(img_idx)
-  np.random.set_state(state)
-  grids, offset = [], 0
-  for _ in range(sample_size):
-    tgts, imgs, count, i = [], [], 0, 0
-    while count < n_imgs:
-      idx = idcs[i + offset]
-      i += 1
-      if labels[idx] in tgts:
-        continue
-      imgs.append(idx)
-      tgts.append(labels[idx])
-      count += 1
-    grids.append(imgs)
-    offset = i + offset + 1
-  return np.array(grids), np.array(idcs)
-
-
-def _test_split(seed=0, n=3000, k=10):
-  rng = np.random.default_rng(seed)
-  labels = rng.integers(0, k, n)
-  logits = rng.normal(size=(n, k)).astype(np.float32) - 1.0
-  logits[np.arange(n), labels] += rng.uniform(0, 3, n).astype(np.float32)
-  return logits, labels
-
-
-@pytest.mark.parametrize("n", [2, 3])
-def test_grid_selection_reproduces_the_original_with_its_skip(n):
-  logits, labels = _test_split()
-  expected, _ = _original_grids(logits, labels, n * n, 40)
-  grids = evaluation.select_grids(logits, labels, n, 40)
-  np.testing.assert_array_equal(grids.indices, expected)
-  np.testing.assert_array_equal(grids.classes, labels[expected])
-
-
-def test_grid_selection_without_the_skip_lines_up_with_the_blocks():
-  logits, labels = _test_split()
-  _, blocks = _original_grids(logits, labels, 9, 1)
-  clean = evaluation.select_grids(logits, labels, 3, 40, skip_bug=False)
-  np.testing.assert_array_equal(clean.indices, blocks[:360].reshape(40, 9))
-  buggy = evaluation.select_grids(logits, labels, 3, 40)
-  assert (clean.indices != buggy.indices).any()
-
-
-@pytest.mark.parametrize("conf_thresh", [0.5, 0.8])
-def test_grids_have_distinct_classes_and_confident_images_in_decreasing_order(conf_thresh):
-  logits, labels = _test_split(seed=1)
-  grids = evaluation.select_grids(logits, labels, 3, 40, conf_thresh=conf_thresh)
-  used = grids.indices.ravel()
-  for row in grids.classes:
-    assert len(set(row)) == 9
-  assert len(set(used)) == used.size                         # No image twice.
-  np.testing.assert_array_equal(logits[used].argmax(1), labels[used])  # Correct only.
-  own = logits[used, labels[used]]
-  assert (1 / (1 + np.exp(-own)) > conf_thresh).all()
-  # The test split has correct images that the threshold must keep out.
-  correct = logits.argmax(1) == labels
-  assert (correct & (logits.max(1) <= 0)).any()
-  for c in range(10):                                        # Per class, grid by grid.
-    values = own[labels[used] == c]
-    assert (np.diff(values) <= 0).all()
-
-
-def test_too_many_grids_is_an_error_that_names_the_fix():
-  logits, labels = _test_split(n=200)
-  with pytest.raises(ValueError, match="make only .* ask for fewer grids"):
-    evaluation.select_grids(logits, labels, 3, 500)
-
-
-# ----------------------------------------------------------------------------
-# Localisation end to end, with the model's own explanations.
-# ----------------------------------------------------------------------------
-
-
-def test_localisation_of_grids_agrees_with_one_class_at_a_time(perturbed_init):
-  model = models.tiny(temperature=10.0)
-  variables = perturbed_init(model, (1, 8, 8, 3))
-  images = np.random.default_rng(0).uniform(size=(12, 8, 8, 3)).astype(np.float32)
-  grids = evaluation.Grids(np.arange(12).reshape(3, 4),
-                           np.array([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]))
-  attribute = jax.jit(functools.partial(explain.contribution_maps, model, variables))
-  scores = evaluation.localisation(attribute, images, grids, 2, batch_size=3)
-  chex.assert_shape(scores, (3, 4))
-  for g in range(3):
-    x = evaluation.tile(images[grids.indices[g]], 2)[None]
-    for k in range(4):
-      a = np.maximum(np.asarray(attribute(jnp.asarray(x), grids.classes[g, k:k + 1]))[0, 0], 0)
-      np.testing.assert_allclose(scores[g, k], a[_cell_mask(k, 2, 8, 8)].sum() / a.sum(),
-                                 rtol=1e-5)
-
-
-# ----------------------------------------------------------------------------
-# Pixel removal.
-# ----------------------------------------------------------------------------
-
-
-def test_removal_schedule():
-  np.testing.assert_array_equal(evaluation.removal_schedule(32, 32), np.arange(0, 257, 2))
-  assert len(evaluation.removal_schedule(32, 32)) == 129
-  assert len(evaluation.removal_schedule(224, 224)) == 129      # stride 98
-  # max_idx = 16 < 128: the original's stride would be 0; here every count.
-  np.testing.assert_array_equal(evaluation.removal_schedule(8, 8), np.arange(17))
-  # 28x28: max_idx 196, stride 1, all 197 counts, as the original's masks.
-  assert len(evaluation.removal_schedule(28, 28)) == 197
-
-
-def test_removal_ranks_follow_argsort_and_most_reverses_it():
-  maps = np.random.default_rng(0).normal(size=(3, 5, 6)).astype(np.float32)
-  maps[0, 0, :3] = 0.0                                       # A tie, ranked stably.
-  least = np.asarray(evaluation.removal_ranks(jnp.asarray(maps)))
-  most = np.asarray(evaluation.removal_ranks(jnp.asarray(maps), "most"))
-  for i in range(3):
-    order = np.argsort(maps[i].ravel(), kind="stable")
-    np.testing.assert_array_equal(least[i].ravel()[order], np.arange(30))
-    np.testing.assert_array_equal(most[i].ravel()[order[::-1]], np.arange(30))
-
-
-_contribution_maps = jax.jit(explain.contribution_maps, static_argnums=0)
-
-
-class _EncodedInputNet(models.CoDANet):
-  """The same net fed inputs that are already encoded: `explain` then takes its
-  linear map at a masked input [x, 1 - x] * mask, which no image encodes to."""
-
-  def encode(self, h):
-    return h
-
-
-def _encoded(x):
-  return np.concatenate([x, 1 - x], axis=-1)
-
-
-def test_removed_pixels_contribute_nothing_and_the_curve_is_the_masked_logit(perturbed_init):
-  # Removing pixels changes the dynamic weights, so the masked logit is not the
-  # logit minus the removed pixels' contributions at the full image. What holds
-  # exactly: at the masked input, the removed pixels' contributions are 0 and
-  # all contributions sum to the masked logit minus the bias.
-  model = models.tiny(temperature=10.0)
-  variables = perturbed_init(model, (1, 8, 8, 3))
-  x = np.random.default_rng(0).uniform(size=(3, 8, 8, 3)).astype(np.float32)
-  targets = np.array([2, 7, 0])
-  maps = _contribution_maps(model, variables, x, targets[:, None])[:, 0]
-  curves = evaluation.pixel_removal_curves(model, variables, x, maps, targets, points=8,
-                                           batch_size=7)
-  counts = evaluation.removal_schedule(8, 8, points=8)
-  np.testing.assert_array_equal(counts, np.arange(0, 17, 2))
-  chex.assert_shape(curves, (3, 9))
-  logits = jax.jit(model.apply)(variables, x)
-  np.testing.assert_allclose(curves[:, 0], jax.nn.sigmoid(logits[np.arange(3), targets]),
-                             rtol=1e-6)
-  # The masked inputs, built here from np.argsort.
-  order = np.argsort(np.asarray(maps).reshape(3, -1), axis=1, kind="stable")
-  keep = np.ones((3, 9, 64), np.float32)
-  for i in range(3):
-    for p, count in enumerate(counts):
-      keep[i, p, order[i, :count]] = 0
-  h = (_encoded(x)[:, None] * keep.reshape(3, 9, 8, 8, 1)).reshape(27, 8, 8, 6)
-  net = _EncodedInputNet(**architectures.tiny(10), temperature=10.0)
-  e = jax.jit(explain.explain, static_argnums=0)(net, variables, h,
-                                                  np.repeat(targets, 9)[:, None])
-  contributions = np.asarray(e.contributions)[:, 0].reshape(3, 9, 64, 6)
-  assert (contributions[keep == 0] == 0).all()
-  assert (np.abs(contributions[keep == 1]).sum(-1) > 0).all()
-  masked_logits = np.asarray(e.logits)[np.arange(27), np.repeat(targets, 9)].reshape(3, 9)
-  np.testing.assert_allclose(contributions.sum((2, 3)) + model.logit_bias, masked_logits,
-                             rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(curves, jax.nn.sigmoid(masked_logits), rtol=1e-5, atol=1e-6)
-  # And the encoded forward is the same function as the model's.
-  np.testing.assert_allclose(
-      jax.jit(functools.partial(model.apply, method=models.CoDANet.encoded_logits))(
-          variables, jnp.asarray(h)),
-      e.logits, rtol=1e-5, atol=1e-6)
-
-
-def test_black_fill_and_most_order_change_the_curve(perturbed_init):
-  model = models.tiny(temperature=10.0)
-  variables = perturbed_init(model, (1, 8, 8, 3))
-  x = np.random.default_rng(1).uniform(size=(2, 8, 8, 3)).astype(np.float32)
-  targets = np.array([1, 4])
-  maps = _contribution_maps(model, variables, x, targets[:, None])[:, 0]
-  run = functools.partial(evaluation.pixel_removal_curves, model, variables, x, maps,
-                          targets, points=8)
-  least, black, most = run(), run(fill="black"), run(order="most")
-  for other in (black, most):
-    np.testing.assert_array_equal(other[:, 0], least[:, 0])
-    assert np.abs(other[:, 1:] - least[:, 1:]).min() > 1e-7
-  # Black is RGB 0: the image with its pixels set to 0, through the model's own forward.
-  order = np.argsort(np.asarray(maps).reshape(2, -1), axis=1, kind="stable")
-  darkened = x.reshape(2, 64, 3).copy()
-  for i in range(2):
-    darkened[i, order[i, :16]] = 0
-  last = jax.nn.sigmoid(jax.jit(model.apply)(variables, darkened.reshape(2, 8, 8, 3)))
-  np.testing.assert_allclose(black[:, -1], last[np.arange(2), targets], rtol=1e-5)
-
-
-def test_pixel_removal_rejects_unsummed_maps_and_unknown_fill(perturbed_init):
-  model = models.tiny()
-  variables = perturbed_init(model, (1, 8, 8, 3))
-  x = np.zeros((2, 8, 8, 3), np.float32)
-  with pytest.raises(ValueError, match=r"maps must be \(N, H, W\)"):
-    evaluation.pixel_removal_curves(model, variables, x, np.zeros((2, 1, 8, 8)), [0, 1])
-  with pytest.raises(ValueError, match="fill must be one of"):
-    evaluation.pixel_removal_curves(model, variables, x, np.zeros((2, 8, 8)), [0, 1],
-                                    fill="gray")
-
-
-# ----------------------------------------------------------------------------
-# Summaries.
-# ----------------------------------------------------------------------------
-
-
-def test_summaries_are_json_and_right():
-  s = evaluation.score_summary(np.array([[4.0, 0.0], [2.0, 1.0], [3.0, 3.0]]))
-  assert (s["count"], s["mean"], s["median"], s["q1"], s["q3"]) == (6, 13 / 6, 2.5, 1.25, 3.0)
-  c = evaluation.curve_summary(np.array([[1.0, 0.5, 0.0], [0.5, 0.5, 1.0]]))
-  assert c["curve"] == [0.75, 0.5, 0.5]
-  assert (c["first"], c["last"]) == (0.75, 0.5)
-  assert c["curve_mean"] == pytest.approx(1.75 / 3)
-  json.dumps([s, c])
+    assert summary[metric]["ours_minus"][method] == {
+        "mean": pytest.approx(diff.mean), "low": pytest.approx(diff.low),
+        "high": pytest.approx(diff.high), "share_ours_higher": share, "n": len(v)}

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from codajax import bootstrap
+from codajax import metrics
 from codajax import evaluation
-from codajax import interpretability
 from codajax import reproduce
 
 # Per method, the mean localisation score its fake grids are drawn around.
@@ -29,10 +29,10 @@ def fake_run(root, t, levels, grids=60, images=40, curve=(0.5, 0.80, 0.85, 0.851
   for m, level in levels.items():
     scores = np.clip(level + difficulty + rng.normal(0, 0.02, (grids, 9)), 0, 1)
     g = grids // 2 if m == "occ9" else grids  # Fewer grids: paired on the first ones.
-    interpretability._write(out, "localisation", m, interpretability.Stored(
+    evaluation._write(out, "localisation", m, evaluation.Stored(
         {"headline": float(scores[:g].mean())}, scores[:g], np.zeros((1, 9, 6, 6))))
     curves = np.clip(level + rng.normal(0, 0.05, (images, 5)), 0, 1)
-    interpretability._write(out, "pixel_removal", m, interpretability.Stored(
+    evaluation._write(out, "pixel_removal", m, evaluation.Stored(
         {"headline": float(curves[:, -1].mean()), "fraction": 0.25}, curves, None))
   return workdir
 
@@ -50,7 +50,7 @@ def test_verdicts_follow_the_paired_and_unpaired_intervals(tmp_path):
   for name in ("accuracy.png", "localisation.png", "pixel_removal.png"):
     assert (tmp_path / "docs" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-  units = {m: evaluation.unit_values("localisation", np.load(
+  units = {m: metrics.unit_values("localisation", np.load(
       os.path.join(top, "evaluation", "localisation", f"{m}.npy"))) for m in LEVELS}
   occ9 = bootstrap.paired_difference(units["ours"][:30], units["occ9"])[0]
   gradcam = bootstrap.paired_difference(units["ours"], units["gradcam"])[0]

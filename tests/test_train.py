@@ -618,7 +618,7 @@ def test_sigterm_stops_evaluate_and_a_finished_run_with_exit_75_and_one_line(
   """Issue 17, item 6: --mode evaluate died with status 143 and printed nothing;
   the rerun of a finished workdir (which only re-evaluates) ignored SIGTERM.
   Here it comes during the setup (the workdir is locked): the run stops
-  before its first piece of work. (After a result: test_interpretability.)"""
+  before its first piece of work. (After a result: test_evaluation.)"""
   workdir = tmp_path / "run"
   train.train_and_evaluate(digits(num_steps=2), str(workdir))
   proc = cli(workdir, "--config.num_steps=2", "--config.evaluation.methods=('ours',)",
