@@ -75,7 +75,7 @@ def measured_options(method: str, size: int, eval_masks: int,
     if eval_masks > 0:
       opts["stride"] = occlusion_stride(size, eval_masks, defaults["stride"])
     masks = math.ceil(size / opts.get("stride", defaults["stride"])) ** 2
-    # The chunk the scan runs (attribution._sum_chunks): at most the masks.
+    # The chunk the scan runs (batching.sum_chunks): at most the masks.
     opts["chunk"] = min(defaults["chunk"], masks)
     return opts, full / masks, masks
   if method == "rise":
@@ -94,7 +94,7 @@ def measured_options(method: str, size: int, eval_masks: int,
   return {}, 1.0, None
 
 
-def make_grids(model, m: common.Measurement):
+def random_grids(model, m: common.Measurement):
   """(grids (B, n*H, n*W, 3), classes (B, n*n)): random cells, distinct classes per grid."""
   n = m.grid_n
   k = n * n
@@ -131,7 +131,7 @@ def run(m: common.Measurement) -> None:
     raise ValueError(f"evaluation: method must be one of {attribution.METHODS}, got {method!r}.")
   model = models.PRESETS[m.model](impl=m.impl, contraction=m.contraction,
                                   dtype=jnp.dtype(m.dtype), remat=m.remat)
-  x, classes = make_grids(model, m)
+  x, classes = random_grids(model, m)
   side = x.shape[1]
   base = dict(method=method, grid_n=m.grid_n, targets_per_grid=classes.shape[1],
               cell_size=m.size, params="random_init", num_grids_estimated=NUM_GRIDS)

@@ -4,8 +4,9 @@
 x (N, H, W, C) in [0, 1] and classes (N, K) (or (K,), or None for all), the
 signed attribution per pixel summed over the channels the method attributes
 to: (N, K, H, W) float32. Options are keyword arguments; `OPTIONS[method]`
-lists each method's options with their defaults. The settings are those of the
-authors' code (github.com/moboehle/CoDA-Nets, interpretability/
+(declared in `codajax.methods`) lists each method's options with their
+defaults, which `attribute` passes to the method's function (`_FUNCTIONS`).
+The settings are those of the authors' code (github.com/moboehle/CoDA-Nets, interpretability/
 explanation_methods):
 
   ours      `explain.contribution_maps`: the contributions on the encoded
@@ -72,15 +73,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codajax import batching
+from codajax import cli
 from codajax import config_lib
 from codajax import explain
+from codajax import methods
 from codajax import models
 
 # The methods and their options with defaults (declared jax-free in
-# config_lib, where --config.evaluation.options.<method> sets them).
-OPTIONS = config_lib.ATTRIBUTION_OPTIONS
-METHODS = tuple(OPTIONS)
-QUADRATURES = ("gausslegendre", "riemann")
+# codajax.methods, read by the config schema: --config.evaluation.options.<method>).
+OPTIONS = methods.OPTIONS
+METHODS = methods.METHODS
 
 
 def canonical_method(name: str) -> str:
@@ -119,13 +122,13 @@ def attribute(method: str, model: models.CoDANet, variables, x: jax.Array, class
       raise ValueError("attribute: method 'lime' runs on the host (superpixels, "
                        "regressions) and cannot be traced: call it outside jax.jit.")
     return _lime(model, variables, x, classes, **options)
-  method = "ixg" if method == "deeplift" else method  # One program for both.
-  return _attribute(method, model, tuple(sorted(options.items())), variables, x, classes)
+  return _attribute(_FUNCTIONS[method], model, tuple(sorted(options.items())), variables, x,
+                    classes)
 
 
 def _check_options(method, model, options) -> None:
-  if method == "intgrad" and options["quadrature"] not in QUADRATURES:
-    raise ValueError(f"attribute: quadrature must be one of {QUADRATURES}, got "
+  if method == "intgrad" and options["quadrature"] not in methods.QUADRATURES:
+    raise ValueError(f"attribute: quadrature must be one of {methods.QUADRATURES}, got "
                      f"{options['quadrature']!r}.")
   if method == "gradcam" and not -model.num_layers <= options["layer"] <= -1:
     raise ValueError(f"attribute: gradcam's layer must be in [-{model.num_layers}, -1] (-1: the "
@@ -136,25 +139,11 @@ def _check_options(method, model, options) -> None:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _attribute(method, model, options, variables, x, given):
-  # Traced classes may be out of range: every method sees them clamped, and
-  # their maps become NaN at the end.
-  options, classes = dict(options), explain.clamp_classes(given, model.num_classes)
-  logits_fn = lambda x: model.apply(variables, x)
-  if method == "ours":
-    maps = explain.contribution_maps(model, variables, x, classes)
-  elif method == "grad":
-    maps = input_gradients(logits_fn, x, classes).sum(-1)
-  elif method == "ixg":
-    maps = (x[:, None] * input_gradients(logits_fn, x, classes)).sum(-1)
-  elif method == "intgrad":
-    maps = integrated_gradients(logits_fn, x, classes, **options)
-  elif method == "gradcam":
-    maps = gradcam(model, variables, x, classes, **options)
-  elif method in ("occ5", "occ9"):
-    maps = _select(occlusion(logits_fn, x, ks=int(method[3:]), **options), classes)
-  else:
-    maps = _select(rise(logits_fn, x, **options), classes)
+def _attribute(fn, model, options, variables, x, given):
+  """fn(model, variables, x, classes, **options), one jitted program per method
+  function (deeplift shares ixg's). Traced classes may be out of range: every
+  method sees them clamped, and their maps become NaN at the end."""
+  maps = fn(model, variables, x, explain.clamp_classes(given, model.num_classes), **dict(options))
   return explain.nan_where_out_of_range(maps.astype(jnp.float32), given, model.num_classes)
 
 
@@ -182,40 +171,25 @@ def quadrature_rule(steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
   return 0.5 * (1.0 + u), 0.5 * v
 
 
-def integrated_gradients(logits_fn, x, classes, steps=20, quadrature="gausslegendre",
-                         chunk=4) -> jax.Array:
-  """x * sum_i w_i grad(a_i x), channels summed: (N, K, H, W); `chunk` steps per pass."""
+def integrated_gradients(logits_fn, x, classes, *, steps, quadrature, chunk) -> jax.Array:
+  """x * sum_i w_i grad(a_i x), channels summed: (N, K, H, W); `chunk` steps per
+  pass. The options' defaults: OPTIONS["intgrad"]."""
   alphas, weights = (jnp.asarray(a, jnp.float32) for a in quadrature_rule(steps, quadrature))
 
   def chunk_sum(aw):
     grads = jax.vmap(lambda a: input_gradients(logits_fn, a * x, classes))(aw[0])
     return jnp.einsum("i,inkhwc->nkhwc", aw[1], grads)
 
-  return (x[:, None] * _sum_chunks(chunk_sum, (alphas, weights), chunk)).sum(-1)
-
-
-def _sum_chunks(fn, xs, chunk: int):
-  """sum_i f(xs[i]) as a scan over chunks, fn mapping a chunk of xs to its sum.
-
-  The last chunk is padded with zeros, which fn must map to zero.
-  """
-  m = jax.tree.leaves(xs)[0].shape[0]
-  chunk = min(int(chunk), m)
-  pad = -m % chunk
-  xs = jax.tree.map(lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-                    .reshape(-1, chunk, *a.shape[1:]), xs)
-  out = jax.eval_shape(fn, jax.tree.map(lambda a: a[0], xs))
-  total, _ = jax.lax.scan(lambda acc, c: (acc + fn(c), None),
-                          jnp.zeros(out.shape, out.dtype), xs)
-  return total
+  return (x[:, None] * batching.sum_chunks(chunk_sum, (alphas, weights), chunk)).sum(-1)
 
 
 # ----------------------------------------------------------------------------
 # GradCAM.
 
 
-def gradcam(model, variables, x, classes, layer=-1) -> jax.Array:
-  """ReLU(sum_c mean_hw(dlogit/dA_c) A_c) on the output of layer L + layer, upsampled."""
+def gradcam(model, variables, x, classes, *, layer) -> jax.Array:
+  """ReLU(sum_c mean_hw(dlogit/dA_c) A_c) on the output of layer L + layer,
+  upsampled. The default: OPTIONS["gradcam"]."""
   num_layers = model.num_layers
   inputs, _ = model.apply(variables, x, method=models.CoDANet.layer_inputs)
   start = num_layers + layer + 1      # The first layer applied to the features.
@@ -247,11 +221,12 @@ def upsample_nearest(maps, size) -> jax.Array:
 # Perturbations: occlusion and RISE, every class from one sweep.
 
 
-def occlusion(logits_fn, x, ks, stride=2, exact_patch=False, chunk=32) -> jax.Array:
+def occlusion(logits_fn, x, ks, *, stride, exact_patch, chunk) -> jax.Array:
   """Occlusion attributions of every class: (N, num_classes, H, W).
 
   Masks are products of a row interval and a column interval (anchors at
   multiples of `stride`, clipped at the border); `chunk` masks per forward.
+  The options' defaults: OPTIONS["occ5"] and ["occ9"].
   """
   def intervals(size):
     anchors = np.arange(0, size, stride)
@@ -271,7 +246,7 @@ def occlusion(logits_fn, x, ks, stride=2, exact_patch=False, chunk=32) -> jax.Ar
     diff = base[:, None] - _masked_logits(logits_fn, x, keep)           # (N, M, classes)
     return jnp.einsum("nmk,m,mh,mw->nkhw", diff, w, r, c)
 
-  return _sum_chunks(chunk_sum, (rows, cols, inv_n.astype(np.float32)), chunk)
+  return batching.sum_chunks(chunk_sum, (rows, cols, inv_n.astype(np.float32)), chunk)
 
 
 def _masked_logits(logits_fn, x, masks):
@@ -281,8 +256,9 @@ def _masked_logits(logits_fn, x, masks):
   return logits_fn(masked.reshape(n * m, *x.shape[1:])).reshape(n, m, -1)
 
 
-def rise(logits_fn, x, num_masks=6000, s=6, p=0.1, seed=42, chunk=32) -> jax.Array:
-  """RISE saliency of every class: (N, num_classes, H, W); `chunk` masks per forward."""
+def rise(logits_fn, x, *, num_masks, s, p, seed, chunk) -> jax.Array:
+  """RISE saliency of every class: (N, num_classes, H, W); `chunk` masks per
+  forward. The options' defaults: OPTIONS["rise"]."""
   h, w = x.shape[1:3]
   cell = (math.ceil(h / s), math.ceil(w / s))
   up_rows = jnp.asarray(resize_matrix(s, (s + 1) * cell[0]))
@@ -301,7 +277,7 @@ def rise(logits_fn, x, num_masks=6000, s=6, p=0.1, seed=42, chunk=32) -> jax.Arr
     scores = jax.nn.sigmoid(_masked_logits(logits_fn, x, masks))
     return jnp.einsum("nmk,mhw->nkhw", scores, masks)
 
-  return _sum_chunks(chunk_sum, (grids, shifts), chunk) / (num_masks * p)
+  return batching.sum_chunks(chunk_sum, (grids, shifts), chunk) / (num_masks * p)
 
 
 def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -321,6 +297,46 @@ def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------
+# The table: each jitted method as fn(model, variables, x, classes, **options)
+# -> (N, K, H, W), its options those of `OPTIONS[method]`. LIME runs on the
+# host (`_lime`), outside it.
+
+
+def _logits_fn(model, variables):
+  return lambda x: model.apply(variables, x)
+
+
+def _ours(model, variables, x, classes):
+  return explain.contribution_maps(model, variables, x, classes)
+
+
+def _grad(model, variables, x, classes):
+  return input_gradients(_logits_fn(model, variables), x, classes).sum(-1)
+
+
+def _ixg(model, variables, x, classes):
+  return (x[:, None] * input_gradients(_logits_fn(model, variables), x, classes)).sum(-1)
+
+
+def _intgrad(model, variables, x, classes, **options):
+  return integrated_gradients(_logits_fn(model, variables), x, classes, **options)
+
+
+def _occlusion(model, variables, x, classes, *, ks, **options):
+  return _select(occlusion(_logits_fn(model, variables), x, ks=ks, **options), classes)
+
+
+def _rise(model, variables, x, classes, **options):
+  return _select(rise(_logits_fn(model, variables), x, **options), classes)
+
+
+_FUNCTIONS = {"ours": _ours, "grad": _grad, "ixg": _ixg, "intgrad": _intgrad,
+              "deeplift": _ixg, "gradcam": gradcam,
+              "occ5": functools.partial(_occlusion, ks=5),
+              "occ9": functools.partial(_occlusion, ks=9), "rise": _rise}
+
+
+# ----------------------------------------------------------------------------
 # LIME: superpixels and regressions on the host, the classifier jitted.
 
 
@@ -331,15 +347,15 @@ def _lime(model, variables, x, classes, num_samples, num_features, kernel_size, 
     from lime.wrappers.scikit_image import SegmentationAlgorithm  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError("attribute: method 'lime' needs the lime and scikit-image packages: "
-                      f"{config_lib.install_hint('lime')}.") from e
+                      f"{cli.install_hint('lime')}.") from e
   gray = x.shape[-1] == 1  # lime makes grey images RGB (quickshift needs RGB).
 
   def classifier_fn(images):  # Padded to batch_size: one compile.
-    images = images[..., :1] if gray else images
-    n = len(images)
-    batch = np.zeros((batch_size, *images.shape[1:]), np.float32)
-    batch[:n] = images
-    return np.asarray(_probabilities(model, variables, batch))[:n].astype(np.float64)
+    images = np.asarray(images[..., :1] if gray else images, np.float32)
+    return batching.map_batches(probabilities, images, batch_size=batch_size).astype(np.float64)
+
+  def probabilities(batch):
+    return jax.nn.sigmoid(batching.forward(model, variables, batch))
 
   maps = np.zeros((*classes.shape, *x.shape[1:3]), np.float32)
   for n, (image, targets) in enumerate(zip(np.asarray(x, np.float64), np.asarray(classes))):
@@ -357,8 +373,3 @@ def _lime(model, variables, x, classes, num_samples, num_features, kernel_size, 
       maps[n, k] = explanation.get_image_and_mask(
           int(t), positive_only=True, num_features=num_features, hide_rest=True)[1]
   return jnp.asarray(maps)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _probabilities(model, variables, x):
-  return jax.nn.sigmoid(model.apply(variables, x))

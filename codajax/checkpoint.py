@@ -207,6 +207,35 @@ def restore(mngr: ocp.CheckpointManager, abstract_params, abstract_opt_state=Non
   return None
 
 
+def load_params(workdir: str, model, example, sharding=None) -> tuple[int, Any, dict]:
+  """(step, params, meta) of the latest usable checkpoint of `workdir`, for
+  inference (notebooks, `codajax.pretrained`): no optimizer state.
+
+  Args:
+    workdir: the run's workdir (or a converted pretrained net's).
+    model: the Flax module whose `init(key, example)` gives the params' shapes.
+    example: an input batch (an array or a ShapeDtypeStruct), for the shapes.
+    sharding: where the params go; default: the first device.
+
+  Raises:
+    CheckpointError: no checkpoint, none readable, or one that does not fit
+      the model.
+  """
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  shapes = jax.eval_shape(model.init, jax.random.key(0), example)["params"]
+  abstract_params = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+  mngr = manager(workdir, asynchronous=False, keep_best=False)
+  try:
+    restored = restore(mngr, abstract_params)
+  finally:
+    mngr.close()
+  if restored is None:
+    raise CheckpointError(f"{directory(workdir)} holds no checkpoint.")
+  step, params, _, meta = restored
+  return step, params, meta
+
+
 def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> list[str]:
   """Moves step folders to <checkpoints>/corrupt/<step>[.k] (process 0); returns
   "<from> -> <to>" for each. The manager is reloaded, so saving them again works."""

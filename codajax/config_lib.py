@@ -11,48 +11,29 @@ configs can be read and written anywhere.
 """
 
 import difflib
-import logging
 import math
 import os
 import re
-import sys
 from typing import Optional
 
 import ml_collections
 
 from codajax import architectures
 from codajax import bootstrap
+from codajax import methods
 
 TINY_ARGS = ("tiny", "runlocal")
-# The known values of the string fields (codajax.models, codajax.dau,
-# codajax.steps and codajax.input_pipeline; tests check that they agree).
+# The known values of the string fields that no jax-free module owns (the
+# code that reads them, codajax.steps and codajax.input_pipeline, imports jax
+# or TensorFlow; tests check that it knows each one). The model's choices are
+# declared in `codajax.architectures`, the evaluation's in `codajax.methods`.
 LR_SCHEDULES = ("constant", "cosine", "step", "warmup_step")
 AUGMENTS = ("none", "crop_flip", "imagenet")
-DTYPES = ("float32", "bfloat16")
-IMPLS = ("fused", "materialized")
-CONTRACTIONS = ("auto", "conv", "dot")
-NORMS = ("squash", "l2")
 LOCAL_DATASETS = ("digits", "idx", "image_folder")
 # The interpretability evaluation (--mode evaluate): each attribution method
-# of codajax.attribution with its options and their defaults (the authors'
-# settings; that module's docstring says what each one means), the metrics of
-# codajax.metrics and their choices.
-ATTRIBUTION_OPTIONS = {
-    "ours": {}, "grad": {}, "ixg": {},
-    "intgrad": dict(steps=20, quadrature="gausslegendre", chunk=4),
-    "deeplift": {},
-    "gradcam": dict(layer=-1),
-    "occ5": dict(stride=2, exact_patch=False, chunk=32),
-    "occ9": dict(stride=2, exact_patch=False, chunk=32),
-    "rise": dict(num_masks=6000, s=6, p=0.1, seed=42, chunk=32),
-    "lime": dict(num_samples=256, num_features=3, kernel_size=1, max_dist=200, ratio=0.2,
-                 seed=42, batch_size=32),
-}
-METRICS = ("localisation", "pixel_removal")
-REMOVAL_ORDERS = ("least", "most")
-REMOVAL_FILLS = ("encoded_zero", "black")
-# The methods with stored results in the authors' repository (the paper's figures).
-PAPER_METHODS = ("ours", "grad", "ixg", "intgrad", "deeplift", "gradcam", "occ5", "occ9")
+# with its options and their defaults, the metrics.
+ATTRIBUTION_OPTIONS = methods.OPTIONS
+METRICS = methods.METRICS
 # The order of the test images that the evaluation draws from: "dataset" (as
 # read), "shuffled" (a permutation seeded by config.evaluation.seed) or "auto":
 # the data set's own order for the tfds data sets whose order the authors
@@ -136,7 +117,7 @@ def evaluation_config() -> ml_collections.ConfigDict:
   """--mode evaluate's settings: the authors' 500_3x3 localisation and default
   pixel removal (see codajax/metrics.py), for the methods of their figures."""
   e = ml_collections.ConfigDict()
-  e.methods = PAPER_METHODS   # Any of ATTRIBUTION_OPTIONS ("lime": the lime extra).
+  e.methods = methods.PAPER_METHODS  # Any of ATTRIBUTION_OPTIONS ("lime": the lime extra).
   e.metrics = METRICS
   # Localisation: num_grids n x n grids of confident, correct test images.
   e.grid_size = 3
@@ -335,34 +316,10 @@ def validate(config) -> None:
 
 
 def _validate_model(config, need) -> None:
-  m = config.model
-  need(m.dtype in DTYPES, "model.dtype", f"use one of {DTYPES}.")
-  need(m.impl in IMPLS, "model.impl", f"use one of {IMPLS}.")
-  need(m.contraction in CONTRACTIONS, "model.contraction", f"use one of {CONTRACTIONS}.")
-  need(m.norm in NORMS, "model.norm", f"use one of {NORMS}.")
-  need(_number(m.temperature) and m.temperature > 0, "model.temperature",
-       "must be a finite number > 0.")
-  need(_number(m.logit_bias), "model.logit_bias", "must be a finite number.")
-  ok = []
-  for f in architectures.LAYER_FIELDS:
-    seq = m[f]
-    good = isinstance(seq, (tuple, list)) and len(seq) > 0 and all(map(_is_int, seq))
-    need(good, f"model.{f}", "must be a sequence of integers, one per layer, e.g. "
-         f"--config.model.{f}='(1, 2, 3)'.")
-    ok.append(good)
-  if not all(ok):
-    return
-  n = len(m.out_channels)
-  for f in architectures.LAYER_FIELDS[1:]:
-    need(len(m[f]) == n, f"model.{f}",
-         f"has {len(m[f])} entries but model.out_channels has {n}; give one per layer.")
-  out = list(m.out_channels)
-  need(all(c >= 1 for c in out[:-1]) and (out[-1] >= 1 or out[-1] == -1),
-       "model.out_channels", "entries must be >= 1 (the last may be -1: from the data).")
-  for f in ("ranks", "kernel_sizes", "strides"):
-    need(all(v >= 1 for v in m[f]), f"model.{f}", "entries must be >= 1.")
-  need(all(0 <= p < k for p, k in zip(m.paddings, m.kernel_sizes)), "model.paddings",
-       "entries must satisfy 0 <= padding < kernel size.")
+  """architectures.model_problems, with its examples written as the flag to type."""
+  for field, rule in architectures.model_problems(config.model, last_from_data=True):
+    need(False, f"model.{field}",
+         rule.replace("e.g. (1, 2, 3).", f"e.g. --config.model.{field}='(1, 2, 3)'."))
 
 
 def match_name(name, known, n: int = 1) -> tuple[Optional[str], list]:
@@ -407,96 +364,32 @@ def _validate_evaluation(config, need) -> None:
        "must be in [0, 1).")
   need(_number(e.fraction) and 0 < e.fraction <= 1, "evaluation.fraction",
        "must be in (0, 1].")
-  need(e.order in REMOVAL_ORDERS, "evaluation.order", f"use one of {REMOVAL_ORDERS}.")
-  need(e.fill in REMOVAL_FILLS, "evaluation.fill", f"use one of {REMOVAL_FILLS}.")
+  need(e.order in methods.ORDERS, "evaluation.order", f"use one of {methods.ORDERS}.")
+  need(e.fill in methods.FILLS, "evaluation.fill", f"use one of {methods.FILLS}.")
 
 
-def one_line(error: BaseException) -> str:
-  """`codajax: <Type>: <message>`, one such line per line of the message."""
-  return "\n".join(f"codajax: {type(error).__name__}: {line}"
-                   for line in str(error).splitlines() or [""])
+def load_config(spec: str, root: Optional[str] = None) -> ml_collections.ConfigDict:
+  """The locked config of `spec`, "configs/<name>.py[:<variant>]", as `--config`
+  of codajax.main reads it: the file's `get_config(variant)` (`get_config()`
+  without a variant), locked. For notebooks and scripts, which have no flags.
 
+  The file is read by its path, relative to `root` (default: the working
+  directory), so the clone that holds configs/ need not be on sys.path.
 
-def _config_flag_arg(argv) -> str:
-  for i, a in enumerate(argv[1:], 1):
-    if a in ("--config", "-config") and i + 1 < len(argv):
-      return argv[i + 1]
-    if a.startswith(("--config=", "-config=")):
-      return a.split("=", 1)[1]
-  return ""
-
-
-def _parse_error(error: BaseException, argv, path: str) -> ConfigError:
-  """A ConfigError naming the argument behind an error of absl/ml_collections."""
-  while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError)
-    error = error.args[0]
-  lines = [l.strip() for l in str(error.args[0] if error.args else error).splitlines()]
-  lines = [l for l in lines if l]
-  if isinstance(error, (KeyError, AttributeError)):  # A misspelt override.
-    key = (lines or ["?"])[0].strip("'\"")
-    arg = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")
-                and key in a.split("=", 1)[0].split(".")), "--config.<field>")
-    hint = " ".join(lines[1:]) or "The fields are those of codajax/config_lib.py:base_config."
-    return ConfigError(f"{arg}: the config has no field {key!r}. {hint}")
-  if "Error whilst parsing config file" in str(error):  # get_config raised.
-    last = re.sub(r"^[\w.]*(Error|Exception): ", "", lines[-1]) if lines else str(error)
-    return ConfigError(f"--config={path}: {last}")
-  return ConfigError(f"--config={path}: cannot load the config: {' '.join(lines)}")
-
-
-HELP_FLAGS = ("-?", "--help", "--helpshort", "--helpfull")
-VERBOSE_ENV = "CODAJAX_VERBOSE"
-
-
-def quiet_logs() -> None:
-  """Unless $CODAJAX_VERBOSE=1: silences the start-up notices of TensorFlow's
-  C++ logging (CPU features, oneDNN) and JAX's search for a TPU, so that a
-  run prints codajax's own lines; warnings and errors stay. Call it before
-  TensorFlow is imported."""
-  if os.environ.get(VERBOSE_ENV, "") == "1":
-    return
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Info and warnings of TF's C++.
-  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-
-
-def run_app(main, **kwargs) -> None:
-  """absl's app.run(main, **kwargs), except that asking for help (HELP_FLAGS)
-  exits 0 after printing it, as a command line should (absl exits 1)."""
-  from absl import app  # pylint: disable=g-import-not-at-top
-  try:
-    app.run(main, **kwargs)
-  except SystemExit as e:
-    if e.code == 1 and any(a in HELP_FLAGS for a in sys.argv[1:]):
-      raise SystemExit(0) from None
-    raise
-
-
-def install_hint(extra: str) -> str:
-  """The command that installs codajax's optional `extra` (setup.py) in a clone,
-  as it can be copied into a shell (codajax is not on the package index)."""
-  return f"bash launch/setup.sh {extra} (or .venv/bin/pip install -e '.[{extra}]') in your codajax clone"
-
-
-def parse_flags(argv):
-  """absl flag parsing (`app.run(main, flags_parser=parse_flags)`) with one line,
-  not a traceback, for a missing config file, a bad variant, a misspelt
-  override or a config that fails `validate`."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  path = _config_flag_arg(argv)
-  try:
-    if path and not os.path.isfile(path.split(":", 1)[0]):
-      raise ConfigError(
-          f"--config={path}: no such config file {path.split(':', 1)[0]!r} (relative to "
-          f"{os.getcwd()}); give configs/<name>.py[:variant].")
-    try:
-      rest = flags.FLAGS(argv)
-      validate(flags.FLAGS.config)
-    except flags.Error as e:
-      if "Error whilst parsing config file" not in str(e):
-        raise SystemExit(one_line(e).replace("\n", " ")) from None
-      raise _parse_error(e, argv, path) from None
-    except (KeyError, AttributeError, OSError) as e:
-      raise _parse_error(e, argv, path) from None
-  except ConfigError as e:
-    raise SystemExit(one_line(e)) from None
-  return rest
+  Raises:
+    ConfigError: no such file (one line, as on the command line); the
+      config's own ConfigError for an unknown variant.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, *variant = spec.split(":", 1)
+  full = os.path.join(root or os.getcwd(), path)
+  if not os.path.isfile(full):
+    raise ConfigError(f"{spec}: no such config file {full!r}; give configs/<name>.py[:variant].")
+  name = os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(f"codajax_config_{name}", full)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(*variant)
+  validate(config)  # One clear error now, not a confusing one from the data or model later.
+  config.lock()
+  return config

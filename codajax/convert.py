@@ -34,10 +34,11 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 
-from codajax import config_lib
+from codajax import batching
+from codajax import cli
 from codajax import models
 
-INSTALL_HINT = config_lib.install_hint("torch")
+INSTALL_HINT = cli.install_hint("torch")
 PREFIX = "module."
 # Keys under which training scripts commonly nest the state dict.
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
@@ -224,7 +225,7 @@ def check_forward(model: models.CoDANet, variables: Mapping[str, Any],
   """Runs the model on one zero image; raises ValueError unless logits are finite."""
   channels = int(np.shape(variables["params"]["layer_0"]["B"])[2]) // 2
   x = np.zeros((1, image_size, image_size, channels), np.float32)
-  logits = np.asarray(jax.jit(model.apply)(variables, x))
+  logits = np.asarray(batching.forward(model, variables, x))
   if logits.shape != (1, model.num_classes) or not np.all(np.isfinite(logits)):
     raise ValueError(
         f"Converted model gives logits of shape {logits.shape} (expected "
@@ -381,4 +382,4 @@ def _f32(a: np.ndarray) -> np.ndarray:
 
 if __name__ == "__main__":
   define_flags()
-  config_lib.run_app(main)
+  cli.run_app(main)

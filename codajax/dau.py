@@ -23,13 +23,13 @@ R); A is (R, C_out*d) with output channel index o*d + j; b is (C_out*d,).
 """
 
 import dataclasses
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
-Norm = Literal["squash", "l2"]
-NORMS = ("squash", "l2")
+from codajax import architectures
+
+Norm = str  # One of architectures.NORMS.
 Params = dict  # {"B": (k, k, C_in, R), "A": (R, C_out*d), "b": (C_out*d,)}
 
 
@@ -44,7 +44,7 @@ class Layer:
   kernel: int                   # k.
   stride: int = 1
   padding: int = 0
-  norm: Norm = "squash"
+  norm: Norm = architectures.MODEL_DEFAULTS["norm"]
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -127,7 +127,7 @@ def inverse_norm_from_sq(sq: jax.Array, norm: Norm) -> jax.Array:
   elif norm == "l2":
     inv = jax.lax.rsqrt(safe)
   else:
-    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    raise ValueError(f"norm must be one of {architectures.NORMS}, got {norm!r}")
   return jnp.where(positive, inv, 0.0)
 
 

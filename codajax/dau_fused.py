@@ -24,16 +24,16 @@ cost.
 
 import functools
 import math
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
+from codajax import architectures
 from codajax import dau
 from codajax import squared_norm
 
-Contraction = Literal["conv", "dot"]
-CONTRACTIONS = ("conv", "dot")
+Contraction = str  # One of CONTRACTIONS.
+CONTRACTIONS = architectures.LAYER_CONTRACTIONS
 
 # How `layer` computes [Q | z] from x, per jax.default_backend(). "dot":
 # explicit patches (k*k strided slices) times the (d, (R+1)*C_out + R)
@@ -197,51 +197,57 @@ def transpose(params: dau.Params, spec: dau.Layer, x: jax.Array, g: jax.Array) -
   """`dau.transpose` without forming w: ((g/n) (x) zb) . [A; b] as one GEMM from
   C_out*(R+1) to d per position and row, i.e. the transposed convolution of
   (g/n) (x) zb with the fused layer's kernel. Cheapest for one row (K = 1)."""
-  return _pull(params, spec, x, g, fused=True, chunk=None)
+  ab, factors = _augmented(params, spec)
+  ab = ab.reshape(-1, ab.shape[-1])            # Rows (r, o).
+  zb, g = _scaled_rows(params, spec, factors, x, g)
+  u = zb[..., :, None, None] * g[..., None, :, :]        # (..., R+1, C_out, K)
+  g = jnp.einsum("...fk,fj->...jk", u.reshape(*zb.shape[:-1], -1, g.shape[-1]), ab,
+                 precision=_HI)
+  return dau.fold(g, x.shape[1:3], spec, trailing=1)
 
 
 def transpose_materialized(params: dau.Params, spec: dau.Layer, x: jax.Array, g: jax.Array,
-                           chunk: int | None | str = "auto") -> jax.Array:
+                           chunk: int | None = None) -> jax.Array:
   """`dau.transpose` with w = [z, 1] @ [A; b] from one GEMM (stored (d, C_out)
-  per position), written once and read once by (g/n) . w; `chunk` images at a
-  time (None: all; "auto": `EXPLAIN_CHUNK` for the backend) bound the w alive
-  at once. Cheapest for several rows."""
-  if chunk == "auto":
-    chunk = EXPLAIN_CHUNK.get(jax.default_backend())
-  return _pull(params, spec, x, g, fused=False, chunk=chunk)
-
-
-def _pull(params, spec, x, g, fused, chunk):
-  A, b, c_out = params["A"], params["b"], spec.features
-  r1 = A.shape[0] + 1
-  # Ab = [A; b] as (R+1, C_out, d): Ab[r, o, j] = A[r, o*d + j], Ab[R, o, j] = b[o*d + j].
-  ab = jnp.concatenate([A.astype(jnp.float32), b.astype(jnp.float32)[None]],
-                       axis=0).reshape(r1, c_out, -1)
-  factors = squared_norm.norm_factors(A, b, c_out)
-  if fused:
-    ab = ab.reshape(r1 * c_out, -1)            # Rows (r, o).
-  else:
-    ab = ab.transpose(0, 2, 1).reshape(r1, -1)  # w comes out as (d, C_out).
-  in_hw = x.shape[1:3]
+  per position), written once and read once by (g/n) . w. Cheapest for
+  several rows. `chunk` images at a time (a divisor of the batch is used;
+  None: `EXPLAIN_CHUNK` for the backend, else the whole batch) bound the w
+  alive at once."""
+  ab, factors = _augmented(params, spec)
+  c_out = spec.features
+  ab = ab.transpose(0, 2, 1).reshape(ab.shape[0], -1)  # w comes out as (d, C_out).
 
   def pull(x, g):
-    z = dau.low_rank(params, spec, x)
-    lead = z.shape[:-1]
-    zb = jnp.concatenate([z.astype(jnp.float32), jnp.ones((*lead, 1), jnp.float32)], axis=-1)
-    g = g * dau.inverse_norm_from_sq(squared_norm.squared_norms(zb, *factors),
-                                     spec.norm)[..., None]
-    if fused:
-      u = zb[..., :, None, None] * g[..., None, :, :]        # (..., R+1, C_out, K)
-      g = jnp.einsum("...fk,fj->...jk", u.reshape(*lead, -1, g.shape[-1]), ab, precision=_HI)
-    else:
-      w = jnp.dot(zb, ab, precision=_HI).reshape(*lead, -1, c_out)
-      g = jnp.einsum("...jo,...ok->...jk", w, g, precision=_HI)
-    return dau.fold(g, in_hw, spec, trailing=1)
+    zb, g = _scaled_rows(params, spec, factors, x, g)
+    w = jnp.dot(zb, ab, precision=_HI).reshape(*zb.shape[:-1], -1, c_out)
+    g = jnp.einsum("...jo,...ok->...jk", w, g, precision=_HI)
+    return dau.fold(g, x.shape[1:3], spec, trailing=1)
 
   n = x.shape[0]
-  chunk = math.gcd(n, chunk) if (chunk and not fused) else n
+  chunk = chunk if chunk is not None else EXPLAIN_CHUNK.get(jax.default_backend(), n)
+  chunk = math.gcd(n, chunk)
   if chunk == n:
     return pull(x, g)
   split = lambda a: a.reshape(n // chunk, chunk, *a.shape[1:])
   out = jax.lax.map(lambda xg: pull(*xg), (split(x), split(g)))
   return out.reshape(n, *out.shape[2:])
+
+
+def _augmented(params: dau.Params, spec: dau.Layer):
+  """(Ab, the norm's factors): Ab = [A; b] as (R+1, C_out, d) float32, Ab[r, o, j] =
+  A[r, o*d + j], Ab[R, o, j] = b[o*d + j]; the factors of `squared_norm.squared_norms`."""
+  A, b = params["A"], params["b"]
+  ab = jnp.concatenate([A.astype(jnp.float32), b.astype(jnp.float32)[None]],
+                       axis=0).reshape(A.shape[0] + 1, spec.features, -1)
+  return ab, squared_norm.norm_factors(A, b, spec.features)
+
+
+def _scaled_rows(params, spec, factors, x, g):
+  """(zb = [z, 1], g / n(w)) at every output position: the augmented low-rank
+  code (..., R+1) and the rows g (..., C_out, K) divided by the norm."""
+  z = dau.low_rank(params, spec, x)
+  zb = jnp.concatenate([z.astype(jnp.float32), jnp.ones((*z.shape[:-1], 1), jnp.float32)],
+                       axis=-1)
+  g = g * dau.inverse_norm_from_sq(squared_norm.squared_norms(zb, *factors),
+                                   spec.norm)[..., None]
+  return zb, g

@@ -9,7 +9,7 @@ metrics of codajax.attribution's methods), `evaluate` writes under `out_dir`:
   <metric>/<method>.json   one JSON line, written last: summary statistics
                            (mean, median, quartiles; for curves the curve mean
                            and the value at the last point), what the result
-                           depends on (`result_record`: the checkpoint's step
+                           depends on (`result_store.result_record`: the checkpoint's step
                            and params digest, the model config, the data and
                            its image order, the metric's settings and the
                            method's options) and the count and sha256 of the
@@ -20,7 +20,8 @@ metrics of codajax.attribution's methods), `evaluate` writes under `out_dir`:
 
 A (metric, method) is done, and skipped when the command runs again, only when
 its JSON line records the same dependencies and its .npy files agree with the
-counts and digests the line records (`stored_result`). Otherwise it is
+counts and digests the line records (`codajax.result_store`, the resume
+cache). Otherwise it is
 recomputed, after one warning line that names what changed or the file that is
 missing or damaged: a stored number is never reported for another checkpoint,
 model, data or setting. Each file is written atomically, so a killed run loses
@@ -41,195 +42,34 @@ import json
 import logging
 import os
 import time
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 from clu import periodic_actions
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 
 from codajax import attribution
+from codajax import batching
 from codajax import bootstrap
-from codajax import checkpoint
 from codajax import config_lib
 from codajax import metrics
 from codajax import input_pipeline
 from codajax import models
 from codajax import plotting
-
-
-def _to_mesh(x: np.ndarray, sharding) -> jax.Array:
-  """Host data (the same on every process) -> a global array over the mesh."""
-  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def _sharded(fn, sharding, size: int, *arrays) -> np.ndarray:
-  """fn(*arrays) with the batch axis padded to `size` (rounded up to the mesh
-  size: one compiled program for every batch) and sharded over the mesh."""
-  n, devices = len(arrays[0]), sharding.mesh.size
-  pad = max(size, n) - n
-  pad += -(n + pad) % devices
-  padded = [np.concatenate([a, np.repeat(a[:1], pad, axis=0)]) if pad else a for a in arrays]
-  return _to_host(fn(*(_to_mesh(a, sharding) for a in padded)))[:n]
-
-
-# ------------------------------------------------ what a stored result is
-
-
-def data_record(config) -> dict:
-  """The test images a result is computed on, from the config alone."""
-  order = config_lib.image_order(config)
-  return {"dataset": config.dataset,
-          "data_dir": os.path.abspath(config.data_dir) if config.data_dir else None,
-          "test_split": config.test_split, "image_size": config.image_size,
-          "class_subset": config.class_subset,
-          # The eval preprocessing reads resize_size only for augment="imagenet".
-          "resize_size": config.resize_size if config.augment == "imagenet" else None,
-          "image_order": order,
-          "image_seed": config.evaluation.seed if order == "shuffled" else None}
-
-
-def params_digest(meta: Optional[dict], params=None) -> str:
-  """The checkpoint's params digest: from its meta item (`codajax.checkpoint`),
-  or computed from `params` for a checkpoint that records none."""
-  digest = ((meta or {}).get("digest") or {}).get("params")
-  return digest or checkpoint.digest_of(params)
-
-
-def result_record(config, metric: str, method: str, step: int, digest: str) -> dict:
-  """What a stored result of (metric, method) depends on, as its JSON line
-  stores it: the checkpoint, the model config, the data, and the metric's
-  settings and the method's options."""
-  e = config.evaluation
-  keys = (("grid_size", "num_grids", "conf_thresh", "skip_bug", "smooth", "seed")
-          if metric == "localisation" else ("num_images", "fraction", "points", "order", "fill"))
-  record = {"checkpoint": {"step": int(step), "params": digest},
-            "model": config.model.to_dict(), "data": data_record(config),
-            "settings": {"metric": {k: e[k] for k in keys},
-                         "options": e.options[method].to_dict()}}
-  return json.loads(json.dumps(record))  # Tuples as lists: as read back.
-
-
-class Stored(NamedTuple):
-  """A done result, read back: its JSON line, scores and (localisation) maps."""
-  line: dict
-  scores: np.ndarray
-  maps: Optional[np.ndarray]
-
-
-def _files(metric: str, method: str) -> tuple:
-  return (f"{method}.npy",) + ((f"{method}_maps.npy",) if metric == "localisation" else ())
-
-
-def stored_result(out_dir: str, metric: str, method: str,
-                  record: Optional[dict]) -> tuple[Optional[Stored], Optional[str]]:
-  """(the stored result, None) if it is done for `record`, else (None, why
-  not: a line naming what changed or the damaged file; None if nothing is stored).
-  record=None: any intact result, whatever it was computed for (a report)."""
-  path = os.path.join(out_dir, metric, f"{method}.json")
-  try:
-    with open(path) as f:
-      line = json.loads(f.readline())
-    if not isinstance(line, dict):
-      raise ValueError("not a JSON object")
-  except FileNotFoundError:
-    return None, None
-  except (OSError, ValueError) as error:
-    return None, f"{path} is damaged ({_brief(error)}); recomputing it."
-  changed = _changes(line, record) if record is not None else ""
-  if changed:
-    return None, f"{metric} of {method}: stored result is stale ({changed}); recomputing."
-  arrays, files = [], line.get("files") if isinstance(line.get("files"), dict) else {}
-  for name in _files(metric, method):
-    array, why = _load(os.path.join(out_dir, metric, name), files.get(name))
-    if why:
-      return None, f"{os.path.join(out_dir, metric, name)} {why}; recomputing it."
-    arrays.append(array)
-  return Stored(line, arrays[0], arrays[1] if len(arrays) > 1 else None), None
-
-
-def _load(path: str, want: Optional[dict]) -> tuple[Optional[np.ndarray], Optional[str]]:
-  """(the array, None) if `path` holds the array of count and sha256 `want`,
-  else (None, what is wrong with it)."""
-  if not os.path.exists(path):
-    return None, "is missing"
-  try:
-    array = np.load(path, allow_pickle=False)
-  except Exception as error:  # pylint: disable=broad-except  # Any damage numpy meets.
-    return None, f"is damaged ({_brief(error)})"
-  got = _file_record(array)
-  if not isinstance(want, dict):
-    return None, "is not recorded in its summary line"
-  if got["count"] != want.get("count"):
-    return None, f"is damaged ({got['count']} values, its summary says {want.get('count')})"
-  if got["sha256"] != want.get("sha256"):
-    return None, "is damaged (its sha256 differs from its summary's)"
-  return array, None
-
-
-def _file_record(array: np.ndarray) -> dict:
-  return {"count": int(array.size), "sha256": checkpoint.digest_of(array)}
-
-
-def _brief(error: BaseException) -> str:
-  return f"{type(error).__name__}: {' '.join(str(error).split())[:160]}"
-
-
-def _changes(line: dict, record: dict, limit: int = 3) -> str:
-  """'' if `line` records `record`, else its differences, e.g.
-  'model.temperature 1000.0 -> 5.0'."""
-  missing = [k for k in record if k not in line]
-  if missing:
-    return f"it records no {', '.join(missing)}: written by an older codajax"
-  old, new = _flat({k: line[k] for k in record}), _flat(record)
-  keys = [k for k in new if k not in old or old[k] != new[k]] + [k for k in old if k not in new]
-  shown = [f"{k} {_short(old.get(k, '(none)'))} -> {_short(new.get(k, '(none)'))}"
-           for k in keys[:limit]]
-  return ", ".join(shown) + (f", and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-  """{"model": {"temperature": 5.0}} -> {"model.temperature": 5.0}."""
-  out = {}
-  for k, v in tree.items():
-    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
-  return out
-
-
-def _short(value) -> str:
-  return f"{value[:12]}..." if isinstance(value, str) and len(value) > 16 else str(value)
-
-
-def _write_atomically(path: str, write) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    write(f)
-  os.replace(tmp, path)
-
-
-def _write(out_dir: str, metric: str, method: str, result: Stored) -> None:
-  """The .npy files, then the JSON line with their counts and digests (last:
-  a run killed in between leaves no line, so the result is not done)."""
-  arrays = [a for a in (result.scores, result.maps) if a is not None]
-  folder = os.path.join(out_dir, metric)
-  os.makedirs(folder, exist_ok=True)
-  path = os.path.join(folder, f"{method}.json")
-  if os.path.exists(path):
-    os.remove(path)  # The old line must not vouch for the new files.
-  for name, array in zip(_files(metric, method), arrays):
-    _write_atomically(os.path.join(folder, name), lambda f, a=array: np.save(f, a))
-  files = {name: _file_record(a) for name, a in zip(_files(metric, method), arrays)}
-  line = {**result.line, "files": files}
-  _write_atomically(path, lambda f: f.write((json.dumps(line) + "\n").encode()))
+from codajax import result_store
 
 
 # ------------------------------------------------------------------ evaluate
+
+
+class _Data(NamedTuple):
+  """What every result of a run is computed from."""
+  model: models.CoDANet
+  variables: dict
+  images: np.ndarray              # The test split, in `evaluation_images`' order.
+  labels: np.ndarray
+  grids: Optional[metrics.Grids]  # The localisation grids; None without that metric.
+  sharding: Any                   # Over the mesh's 'data' axis.
 
 
 def evaluate(model: models.CoDANet, variables, config, info, step: int, out_dir: str,
@@ -249,50 +89,126 @@ def evaluate(model: models.CoDANet, variables, config, info, step: int, out_dir:
     return _preempted({}, stops, {})
   e = config.evaluation
   primary = jax.process_index() == 0
-  digest = params_digest(meta, variables["params"])
-  images, labels = evaluation_images(config, info)
-  grids = _grids(model, variables, images, labels, e, sharding, step)
-  removal = slice(0, min(e.num_images, len(images)))
+  digest = result_store.params_digest(meta, variables["params"])
+  images, labels = evaluation_images(config)
+  data = _Data(model, variables, images, labels,
+               _grids(model, variables, images, labels, e, sharding, step), sharding)
   jobs = [(metric, method) for metric in e.metrics for method in e.methods]
-  units = {"localisation": len(grids.indices) if grids is not None else 0,
-           "pixel_removal": removal.stop}
-  report = periodic_actions.ReportProgress(
-      num_train_steps=sum(units[m] for m, _ in jobs), every_secs=30.0)
-  done, results, kept = 0, {}, {}
+  progress = _Progress(_units(data, e), jobs)
+  results, kept = {}, {}
   for metric, method in jobs:
     if stops:  # After the result in flight: stop before the next one.
       return _preempted(results, stops, kept)
-    record = result_record(config, metric, method, step, digest)
-    stored, why = stored_result(out_dir, metric, method, record)
-    if why:
-      logging.warning("evaluate: %s", why)
-    if stored is not None:
-      logging.info("evaluate: %s of %s is done (%s); skipped.", metric, method,
-                   os.path.join(out_dir, metric, f"{method}.json"))
-    else:
+    record = result_store.result_record(config, metric, method, step, digest)
+    stored = result_store.cached(out_dir, metric, method, record)
+    if stored is None:
       t = time.time()
-      stored = _compute(metric, method, model, variables, e, images, labels, grids, removal,
-                        sharding, _Counted(report, done), record)
-      stored.line["seconds"] = round(time.time() - t, 1)
+      stored = _computed(metric, method, data, e, record, progress.counting)
       if primary:
-        _write(out_dir, metric, method, stored)
+        result_store.write(out_dir, metric, method, stored)
       logging.info("evaluate: %s of %s: %s %.4f (%.0f s).", metric, method, _headline(e, metric),
                    stored.line["headline"], time.time() - t)
-    done += units[metric]
-    report(done, time.time())
+    progress.job_done(metric)
     results[f"{metric}/{method}"] = stored.line["headline"]
     kept[metric, method] = stored
   if stops:
     return _preempted(results, stops, kept)
   summary = uncertainty(kept, e)
   if primary:
-    _write_atomically(os.path.join(out_dir, SUMMARY),
-                      lambda f: f.write((json.dumps(summary, indent=1) + "\n").encode()))
-  figures = _figures(out_dir, e, images, grids, info, kept, summary) if primary else []
+    result_store.write_atomically(os.path.join(out_dir, SUMMARY),
+                                  lambda f: f.write((json.dumps(summary, indent=1) + "\n").encode()))
+  figures = _figures(out_dir, e, images, data.grids, info, kept, summary) if primary else []
   return {**results, "figures": figures}
 
 
 SUMMARY = "summary.json"
+
+
+def _computed(metric: str, method: str, data: _Data, e, record: dict,
+              counting) -> result_store.Stored:
+  """One result of `method` under `metric` (`_EVALUATORS`): its scores, its
+  (localisation) maps and its JSON line, not yet written. `counting` wraps
+  the attribute_fn to report progress."""
+  t = time.time()
+  scores, headline, summary, maps = _EVALUATORS[metric](counting(_attribute_fn(method, data, e)),
+                                                        data, e)
+  line = {"metric": metric, "method": method, "step": record["checkpoint"]["step"],
+          "headline": headline, **summary, **record, "seconds": round(time.time() - t, 1)}
+  return result_store.Stored(line, scores, maps)
+
+
+def _attribute_fn(method: str, data: _Data, e):
+  """attribute_fn(x, classes) -> maps of `method` with its configured options,
+  data-parallel over the mesh, e.batch_size images (or grids) per call."""
+  fn = functools.partial(attribution.attribute, method, data.model, data.variables,
+                         **e.options[method].to_dict())
+  return lambda x, classes: batching.map_batches(fn, x, classes, batch_size=e.batch_size,
+                                                 sharding=data.sharding)
+
+
+def _localisation(attribute_fn, data: _Data, e) -> tuple:
+  """(scores (grids, n*n), headline, summary, the maps of the first
+  num_comparison grids, which the comparison figure shows)."""
+  first = []
+
+  def keeping_first(x, classes):
+    maps = attribute_fn(x, classes)
+    if not first:
+      first.append(maps)
+    return maps
+
+  scores = metrics.localisation(keeping_first, data.images, data.grids, e.grid_size,
+                                smooth=e.smooth, batch_size=e.batch_size)
+  summary = metrics.score_summary(scores)
+  return scores, summary["mean"], summary, first[0][:e.num_comparison]
+
+
+def _pixel_removal(attribute_fn, data: _Data, e) -> tuple:
+  """(curves (images, points) of the first num_images test images, headline,
+  summary, None: no maps are kept)."""
+  n = _units(data, e)["pixel_removal"]
+  x, y = data.images[:n], data.labels[:n]
+  maps = attribute_fn(x, y[:, None])[:, 0]
+  scores = metrics.pixel_removal_curves(data.model, data.variables, x, maps, y,
+                                        fraction=e.fraction, points=e.points, order=e.order,
+                                        fill=e.fill)
+  summary = metrics.curve_summary(scores, e.fraction)
+  return scores, summary["last"], summary, None
+
+
+# One evaluator per metric: (attribute_fn, data, e) -> (scores, headline, summary, maps).
+_EVALUATORS = {"localisation": _localisation, "pixel_removal": _pixel_removal}
+
+
+def _units(data: _Data, e) -> dict:
+  """Each metric's units of work (and of progress): grids, images."""
+  return {"localisation": len(data.grids.indices) if data.grids is not None else 0,
+          "pixel_removal": min(e.num_images, len(data.images))}
+
+
+class _Progress:
+  """Progress over all results of a run, in the metrics' units (`_units`)."""
+
+  def __init__(self, units: dict, jobs: Sequence[tuple]):
+    self.units, self.done, self.finished = units, 0, 0
+    self.report = periodic_actions.ReportProgress(
+        num_train_steps=sum(units[metric] for metric, _ in jobs), every_secs=30.0)
+
+  def counting(self, fn):
+    """fn(x, ...), reporting one unit per row of x after each call."""
+
+    def counted(x, *args):
+      out = fn(x, *args)
+      self.done += len(x)
+      self.report(self.done, time.time())
+      return out
+    return counted
+
+  def job_done(self, metric: str) -> None:
+    """A result is done (computed or stored): its metric's units, all of them."""
+    self.finished += self.units[metric]
+    self.done = self.finished
+    self.report(self.done, time.time())
 
 
 def _headline(e, metric: str) -> str:
@@ -333,12 +249,12 @@ def uncertainty(results: dict, e) -> dict:
   return out
 
 
-def evaluation_images(config, info) -> tuple[np.ndarray, np.ndarray]:
+def evaluation_images(config) -> tuple[np.ndarray, np.ndarray]:
   """The test split's images and labels in the order both metrics see them:
   `config_lib.image_order`, shuffled with config.evaluation.seed."""
   shuffled = config_lib.image_order(config) == "shuffled"
   return input_pipeline.first_test_examples(
-      config, info, seed=config.evaluation.seed if shuffled else None)
+      config, seed=config.evaluation.seed if shuffled else None)
 
 
 def _preempted(results: dict, stops: Sequence[str], kept: dict) -> dict:
@@ -351,7 +267,9 @@ def _grids(model, variables, images, labels, e, sharding, step) -> Optional[metr
   if "localisation" not in e.metrics:
     return None
   n = e.grid_size
-  logits = _logits(model, variables, images, sharding, e.batch_size * n * n)
+  logits = batching.map_batches(functools.partial(batching.forward, model, variables),
+                                images, batch_size=e.batch_size * n * n,
+                                sharding=sharding)
   try:
     return metrics.select_grids(logits, labels, n=n, num_grids=e.num_grids,
                                    conf_thresh=e.conf_thresh, seed=e.seed,
@@ -360,57 +278,6 @@ def _grids(model, variables, images, labels, e, sharding, step) -> Optional[metr
     raise config_lib.ConfigError(f"config.evaluation.num_grids={e.num_grids}: {error} "
                                  f"(checkpoint of step {step}; a longer training "
                                  "gives more).") from None
-
-
-def _compute(metric, method, model, variables, e, images, labels, grids, removal, sharding,
-             counted, record) -> Stored:
-  """One result: its scores, (localisation) maps and JSON line, not yet written."""
-
-  def attribute_fn(x, classes):
-    fn = functools.partial(attribution.attribute, method, model, variables,
-                           **e.options[method].to_dict())
-    return _sharded(fn, sharding, e.batch_size, np.asarray(x), np.asarray(classes))
-
-  counted.attribute_fn = attribute_fn  # Counts progress, keeps the first maps.
-  if metric == "localisation":
-    scores = metrics.localisation(counted, images, grids, e.grid_size, smooth=e.smooth,
-                                     batch_size=e.batch_size)
-    summary = metrics.score_summary(scores)
-    headline, maps = summary["mean"], counted.first[:e.num_comparison]  # The first grids.
-  else:
-    x, y = images[removal], labels[removal]
-    maps = np.concatenate([attribute_fn(x[i:i + e.batch_size], y[i:i + e.batch_size, None])
-                           for i in range(0, len(x), e.batch_size)])[:, 0]
-    scores = metrics.pixel_removal_curves(model, variables, x, maps, y,
-                                             fraction=e.fraction, points=e.points,
-                                             order=e.order, fill=e.fill)
-    summary = metrics.curve_summary(scores, e.fraction)
-    headline, maps = summary["last"], None
-  line = {"metric": metric, "method": method, "step": record["checkpoint"]["step"],
-          "headline": headline, **summary, **record}
-  return Stored(line, scores, maps)
-
-
-class _Counted:
-  """self.attribute_fn, reporting progress (units: grids) and keeping its first output."""
-
-  def __init__(self, report, done: int):
-    self.attribute_fn, self.report, self.done, self.first = None, report, done, None
-
-  def __call__(self, x, classes):
-    out = self.attribute_fn(x, classes)
-    self.first = out if self.first is None else self.first
-    self.done += len(x)
-    self.report(self.done, time.time())
-    return out
-
-
-def _logits(model, variables, images, sharding, batch_size) -> np.ndarray:
-  """The logits of every test image, batch by batch over the mesh."""
-  apply = jax.jit(model.apply)
-  return np.concatenate([_sharded(functools.partial(apply, variables), sharding, batch_size,
-                                  images[i:i + batch_size])
-                         for i in range(0, len(images), batch_size)])
 
 
 def _figures(out_dir, e, images, grids, info, results: dict, summary: dict) -> list:

@@ -202,9 +202,6 @@ def preprocess(config, image, train: bool, seed):
       image = tf.pad(image, [[4, 4], [4, 4], [0, 0]])
       image = tf.image.stateless_random_crop(image, tf.shape(image[4:-4, 4:-4]), seeds[0])
       image = tf.image.stateless_random_flip_left_right(image, seeds[1])
-    elif config.augment not in ("none", "crop_flip"):
-      raise config_lib.ConfigError(
-          f"config.augment={config.augment!r}: use none, crop_flip or imagenet.")
   return tf.clip_by_value(tf.ensure_shape(image, (size, size, None)), 0.0, 1.0)
 
 
@@ -281,7 +278,7 @@ def eval_batches(config, info: DatasetInfo) -> Iterator[dict]:
   return _numpy(ds, config, train=False)
 
 
-def first_test_examples(config, info: DatasetInfo, n: Optional[int] = None,
+def first_test_examples(config, n: Optional[int] = None,
                         seed: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
   """(images, labels) of the first `n` (None: all) test examples, preprocessed
   for eval, the same on every host (not sharded).
@@ -291,7 +288,6 @@ def first_test_examples(config, info: DatasetInfo, n: Optional[int] = None,
   class subset), so the first n are a random sample of it; this reads the
   whole split.
   """
-  del info  # The same signature as the other readers.
   ds = _host_dataset(config, config.test_split, False, whole=True)
   if config.class_subset:
     ds = ds.filter(lambda ex: ex["label"] < config.class_subset)
@@ -306,11 +302,6 @@ def first_test_examples(config, info: DatasetInfo, n: Optional[int] = None,
     order = np.random.RandomState(seed).permutation(len(labels))[:n]
     images, labels = images[order], labels[order]
   return images, labels
-
-
-def to_global(batch: dict, sharding) -> dict:
-  """Per-host numpy batch -> global jax.Arrays sharded over the mesh's data axis."""
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
 def prepare(config) -> None:

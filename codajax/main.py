@@ -1,7 +1,8 @@
 r"""Command line: python -m codajax.main --config configs/X.py[:variant] --workdir DIR.
 
   --mode=train    train and evaluate; an existing workdir resumes automatically
-  --mode=eval     top-1 / top-5 of the latest (or an imported) checkpoint
+  --mode=accuracy top-1 / top-5 of the latest (or an imported) checkpoint
+                  (--mode=eval, its old name, still works)
   --mode=explain  contribution-map figures of the first test images
   --mode=evaluate the interpretability evaluation (localisation, pixel removal)
                   of the checkpoint's attributions and the baselines', into
@@ -14,7 +15,7 @@ clusters to call jax.distributed.initialize() with the platform's defaults.
 Exit status: 0 done; 1 an error (one line naming the problem and the fix);
 75 (EX_TEMPFAIL) stopped early by SIGTERM, Ctrl-C or a preemption notice, at
 the mode's next safe point (training: once the current step's checkpoint is
-committed; evaluate: once the result in flight is written; eval and explain:
+committed; evaluate: once the result in flight is written; accuracy and explain:
 before writing anything), with one line naming the mode and what was kept:
 rerun the same command to resume; 130 interrupted at once, with one line: a
 second Ctrl-C, or Ctrl-C while starting up (the imports). Neither leaves a
@@ -27,6 +28,7 @@ import signal
 import sys
 import threading
 
+from codajax import modes
 from codajax import workdir as workdir_lib
 
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: try again (requeue) to resume.
@@ -48,15 +50,16 @@ def _kept() -> str:
 
 
 def _exit_at_once(signum, frame):
-  """SIGTERM or Ctrl-C outside the run's own handlers (codajax.train's
-  _stop_requests: while starting up, or a second Ctrl-C): one line, then exit
-  at once, without the interpreter's teardown (see workdir_lib.exit_at_once)."""
+  """SIGTERM or Ctrl-C outside the run's own handlers (modes.stop_requests:
+  while starting up, or a second Ctrl-C): one line, then exit at once, without
+  the interpreter's teardown (see workdir_lib.exit_at_once)."""
   del frame
   kept = _kept()
   if signum == signal.SIGINT:
     workdir_lib.exit_at_once(EXIT_INTERRUPTED, f"codajax: interrupted by Ctrl-C; {kept}.")
   flags_ = globals().get("FLAGS")
-  during = (f"during --mode {flags_.mode}" if flags_ is not None and flags_.is_parsed()
+  during = (f"during --mode {modes.ALIASES.get(flags_.mode, flags_.mode)}"
+            if flags_ is not None and flags_.is_parsed()
             else "while starting")
   workdir_lib.exit_at_once(EXIT_PREEMPTED, f"codajax: preempted "
                            f"({signal.Signals(signum).name}) {during}: {kept}; rerun the "
@@ -96,13 +99,14 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from codajax import cli
 from codajax import config_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and figures go.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "explain", "evaluate"], "What to do.")
+flags.DEFINE_enum("mode", "train", [*modes.MODES, *modes.ALIASES], "What to do.")
 flags.DEFINE_bool("distributed", os.environ.get("CODAJAX_DISTRIBUTED", "") == "1",
                   "Call jax.distributed.initialize() (multi-host).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -118,8 +122,9 @@ class _QuietOrbax(logging_std.Filter):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  mode = modes.canonical(FLAGS.mode)  # An old name: a one-line notice.
   logging_std.getLogger("absl").addFilter(_QuietOrbax())
-  config_lib.quiet_logs()
+  cli.quiet_logs()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # Keep TF (input only) off the accelerators.
   import jax  # pylint: disable=g-import-not-at-top
@@ -133,25 +138,24 @@ def main(argv):
   workdir = os.path.abspath(FLAGS.workdir)
   _checkpoints = checkpoint.directory(workdir)
   try:
-    result = train.train_and_evaluate(FLAGS.config, workdir, FLAGS.mode)
+    result = train.train_and_evaluate(FLAGS.config, workdir, mode)
   except (input_pipeline.DataError, checkpoint.CheckpointError, config_lib.ConfigError,
           workdir_lib.WorkdirError, FloatingPointError) as e:
-    raise SystemExit(config_lib.one_line(e)) from None  # One clear line.
+    raise SystemExit(cli.one_line(e)) from None  # One clear line.
   except KeyboardInterrupt:  # Only if a library put Python's SIGINT handler back.
     _exit_at_once(signal.SIGINT, None)
-  if "preempted" in result:
-    p = result["preempted"]
-    print(f"codajax: preempted ({p['signal']}) during --mode {FLAGS.mode}: {p['kept']}; "
+  if result.preempted is not None:
+    p = result.preempted
+    print(f"codajax: preempted ({p.signal}) during --mode {mode}: {p.kept}; "
           "rerun the same command to resume.", file=sys.stderr)
     sys.exit(EXIT_PREEMPTED)
   if jax.process_index() == 0:
-    summary = {k: v for k, v in result.items() if k != "figures"}
-    print(f"codajax {FLAGS.mode} done: {summary}")
+    print(f"codajax {mode} done: {result.summary()}")
     print(f"  checkpoints: {os.path.join(workdir, 'checkpoints')}")
     print(f"  TensorBoard: tensorboard --logdir {workdir}  (also {workdir}/metrics.jsonl)")
-    for path in result["figures"]:
+    for path in result.figures:
       print(f"  figure: {path}")
 
 
 if __name__ == "__main__":
-  config_lib.run_app(main, flags_parser=config_lib.parse_flags)
+  cli.run_app(main, flags_parser=cli.parse_flags)

@@ -22,16 +22,19 @@ a function attribute_fn(x, classes) -> (N, K, H, W), e.g.
 functools.partial(attribution.attribute, "ours", model, variables).
 """
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codajax import batching
+from codajax import methods
 from codajax import models
 
-ORDERS = ("least", "most")
-FILLS = ("encoded_zero", "black")
+ORDERS = methods.ORDERS  # Pixel removal's orders and fills, declared jax-free there.
+FILLS = methods.FILLS
 
 
 # ----------------------------------------------------------------------------
@@ -154,21 +157,6 @@ def tile(images, n: int):
   return x.reshape(*lead, n * h, n * w, c)
 
 
-def untile(grid, n: int):
-  """The inverse of `tile`: (..., n*H, n*W, C) -> (..., n*n, H, W, C)."""
-  *lead, gh, gw, c = grid.shape
-  h, w, b = gh // n, gw // n, len(lead)
-  x = grid.reshape(*lead, n, h, n, w, c)                      # (..., a2, H, a1, W, C)
-  x = x.transpose(*range(b), b + 2, b, b + 1, b + 3, b + 4)   # (..., a1, a2, H, W, C)
-  return x.reshape(*lead, n * n, h, w, c)
-
-
-def cell_slices(k: int, n: int, height: int, width: int) -> tuple[slice, slice]:
-  """Rows and columns of cell k in an (n*height, n*width) grid: row k % n, column k // n."""
-  row, col = k % n, k // n
-  return slice(row * height, (row + 1) * height), slice(col * width, (col + 1) * width)
-
-
 def _avg_pool(maps: jax.Array, size: int) -> jax.Array:
   """torch's F.avg_pool2d(maps, size, stride=1, padding=(size - 1) // 2) with its
   default count_include_pad=True: zero padding counts in the mean."""
@@ -263,8 +251,8 @@ def _removal_probs(model, variables, h, ranks, counts, targets, image, point, fi
   return jax.nn.sigmoid(jnp.take_along_axis(logits, targets[image][:, None], axis=1)[:, 0])
 
 
-def pixel_removal_curves(model, variables, x, maps, targets, fraction: float = 0.25,
-                         points: int = 128, order: str = "least", fill: str = "encoded_zero",
+def pixel_removal_curves(model, variables, x, maps, targets, *, fraction: float,
+                         points: int, order: str, fill: str,
                          batch_size: int = 256) -> np.ndarray:
   """(N, P) sigmoid of the target logit after removing `removal_schedule` pixels.
 
@@ -293,14 +281,11 @@ def pixel_removal_curves(model, variables, x, maps, targets, fraction: float = 0
   ranks = removal_ranks(maps, order)
   # Every (image, point) pair is one masked forward; a batch takes batch_size
   # consecutive pairs, so one compile serves all of them.
-  total = x.shape[0] * len(counts)
-  probs = []
-  for start in range(0, total, batch_size):
-    pair = np.arange(start, start + batch_size) % total
-    probs.append(_removal_probs(model, variables, h, ranks, jnp.asarray(counts), targets,
-                                jnp.asarray(pair // len(counts)),
-                                jnp.asarray(pair % len(counts)), fill))
-  return np.asarray(jnp.concatenate(probs)[:total]).reshape(x.shape[0], len(counts))
+  image, point = np.divmod(np.arange(x.shape[0] * len(counts)), len(counts))
+  probs = batching.map_batches(
+      functools.partial(_removal_probs, model, variables, h, ranks, jnp.asarray(counts),
+                        targets, fill=fill), image, point, batch_size=batch_size)
+  return probs.reshape(x.shape[0], len(counts))
 
 
 # ----------------------------------------------------------------------------

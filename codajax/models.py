@@ -8,8 +8,10 @@ all positions, a division by the temperature T and a logit bias:
 The modules hold the parameters and compute the logits (`__call__`) or, for
 explanations, the layer inputs with the logits (`CoDANet.layer_inputs`).
 A layer's matrix and its transpose are pure functions of that layer's
-parameters, its description (`layer_specs`) and its input, in `codajax.dau`
-and `codajax.dau_fused`. No module carries flags or state.
+parameters, its description (`CoDAConv.spec`, every layer's: `layer_specs`)
+and its input, in `codajax.dau` and `codajax.dau_fused`. No module carries
+flags or state. The fields' defaults, choices and checks are declared without
+jax in `codajax.architectures`.
 """
 
 from typing import Any, Sequence
@@ -24,12 +26,9 @@ from codajax import dau
 from codajax import dau_fused
 
 DEFAULTS = architectures.MODEL_DEFAULTS
-# "fused" never forms the per-position weights w (see `codajax.dau_fused`);
-# "materialized" forms w at every position like the PyTorch code. The fused
-# layer's linear part is a convolution ("conv") or patches times a matrix
-# ("dot"); "auto" picks per backend. All share one parameter tree.
-IMPLS = ("fused", "materialized")
-CONTRACTIONS = ("auto", "conv", "dot")
+IMPLS = architectures.IMPLS                # The layer forms (see there).
+CONTRACTIONS = architectures.CONTRACTIONS  # The fused layer's linear part.
+CONFIG_FIELDS = architectures.LAYER_FIELDS + tuple(DEFAULTS)  # CoDANet's fields.
 
 
 class CoDAConv(nn.Module):
@@ -39,7 +38,7 @@ class CoDAConv(nn.Module):
   kernel_size: int
   stride: int = 1
   padding: int = 0
-  norm: dau.Norm = "squash"
+  norm: dau.Norm = DEFAULTS["norm"]
   dtype: Any = jnp.float32
   impl: str = DEFAULTS["impl"]
   contraction: str = DEFAULTS["contraction"]
@@ -47,8 +46,8 @@ class CoDAConv(nn.Module):
   @property
   def spec(self) -> dau.Layer:
     """This layer's description, for the functions of `codajax.dau`."""
-    return dau.Layer(self.features, self.rank, self.kernel_size, self.stride, self.padding,
-                     self.norm)
+    return dau.Layer(int(self.features), int(self.rank), int(self.kernel_size),
+                     int(self.stride), int(self.padding), self.norm)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -94,13 +93,9 @@ class CoDANet(nn.Module):
   def setup(self):
     _validate(self)
     layer_cls = nn.remat(CoDAConv) if self.remat else CoDAConv
-    self.layers = [
-        layer_cls(features=c, rank=r, kernel_size=k, stride=s, padding=p,
-                  norm=self.norm, dtype=self.dtype, impl=self.impl,
-                  contraction=self.contraction, name=f"layer_{i}")
-        for i, (c, r, k, s, p) in enumerate(zip(
-            self.out_channels, self.ranks, self.kernel_sizes, self.strides,
-            self.paddings))]
+    self.layers = [layer_cls(*fields, norm=self.norm, dtype=self.dtype, impl=self.impl,
+                             contraction=self.contraction, name=f"layer_{i}")
+                   for i, fields in enumerate(_per_layer(self))]
 
   @property
   def num_layers(self) -> int:
@@ -169,41 +164,26 @@ class CoDANet(nn.Module):
     return self.layer_inputs(x)[1]
 
 
-def _validate(model) -> None:
-  n = len(model.out_channels)
-  fields = ("ranks", "kernel_sizes", "strides", "paddings")
-  lengths = {f: len(getattr(model, f)) for f in fields}
-  bad = {f: l for f, l in lengths.items() if l != n}
-  if bad:
-    raise ValueError(
-        f"CoDANet: out_channels has {n} layers but {bad} differ; give one "
-        "value per layer in each of out_channels, ranks, kernel_sizes, strides, "
-        "paddings.")
-  if model.impl not in IMPLS:
-    raise ValueError(f"CoDANet: impl must be one of {IMPLS}, got {model.impl!r} (the "
-                     "contraction is its own field: contraction='conv' or 'dot').")
-  if model.contraction not in CONTRACTIONS:
-    raise ValueError(f"CoDANet: contraction must be one of {CONTRACTIONS}, got "
-                     f"{model.contraction!r}.")
-  if model.norm not in dau.NORMS:
-    raise ValueError(f"CoDANet: norm must be one of {dau.NORMS}, got {model.norm!r}.")
-  if not model.temperature > 0:
-    raise ValueError(f"CoDANet: temperature must be > 0, got {model.temperature}.")
-  for f in ("out_channels", "ranks", "kernel_sizes", "strides"):
-    if any(int(v) < 1 for v in getattr(model, f)):
-      raise ValueError(f"CoDANet: every entry of {f} must be >= 1, got {tuple(getattr(model, f))}.")
-  if any(int(p) < 0 or int(p) >= int(k) for p, k in zip(model.paddings, model.kernel_sizes)):
-    raise ValueError(
-        f"CoDANet: paddings {tuple(model.paddings)} must satisfy 0 <= p < kernel "
-        f"size {tuple(model.kernel_sizes)}.")
+def _per_layer(model: CoDANet):
+  """(out_channels, rank, kernel_size, stride, padding) of each layer, in
+  `CoDAConv`'s field order."""
+  return zip(*(getattr(model, f) for f in architectures.LAYER_FIELDS))
+
+
+def _validate(model: CoDANet) -> None:
+  """One ValueError listing every field that breaks `architectures.model_problems`."""
+  fields = {f: getattr(model, f) for f in CONFIG_FIELDS}
+  fields["dtype"] = jnp.dtype(model.dtype).name
+  problems = architectures.model_problems(fields)
+  if problems:
+    raise ValueError("\n".join(f"CoDANet: {f}={fields[f]!r}: {rule}" for f, rule in problems))
 
 
 def layer_specs(model: CoDANet) -> tuple[dau.Layer, ...]:
-  """Every layer's description, for the functions of `codajax.dau` and
+  """Every layer's `CoDAConv.spec`, for the functions of `codajax.dau` and
   `codajax.dau_fused` (with the parameters variables["params"][f"layer_{l}"])."""
-  return tuple(dau.Layer(int(c), int(r), int(k), int(s), int(p), model.norm)
-               for c, r, k, s, p in zip(model.out_channels, model.ranks, model.kernel_sizes,
-                                        model.strides, model.paddings))
+  return tuple(CoDAConv(*fields, norm=model.norm, parent=None).spec
+               for fields in _per_layer(model))
 
 
 def layer_shapes(model: CoDANet, image_shape: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -279,8 +259,6 @@ def tiny(num_classes: int = 10, temperature: float = 10.0, **kw) -> CoDANet:
 PRESETS = {"cifar10_9l_s": cifar10_9l_s, "imagenet100_9l_l": imagenet100_9l_l,
            "tiny": tiny}
 
-CONFIG_FIELDS = architectures.LAYER_FIELDS + tuple(DEFAULTS)
-
 
 def from_config(cfg) -> CoDANet:
   """A CoDANet from a ConfigDict/mapping with the constructor's fields.
@@ -291,10 +269,10 @@ def from_config(cfg) -> CoDANet:
   unknown = sorted(set(cfg) - set(CONFIG_FIELDS))
   if unknown:
     raise ValueError(f"config.model has unknown fields {unknown}; allowed: {CONFIG_FIELDS}.")
-  missing = [f for f in CONFIG_FIELDS[:5] if f not in cfg]
+  missing = [f for f in architectures.LAYER_FIELDS if f not in cfg]
   if missing:
     raise ValueError(f"config.model is missing fields {missing}.")
-  for f in CONFIG_FIELDS[:5]:
+  for f in architectures.LAYER_FIELDS:
     cfg[f] = tuple(int(v) for v in cfg[f])
   if "dtype" in cfg:
     cfg["dtype"] = jnp.dtype(cfg["dtype"])

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt  # Headless machines fall back to Agg by themselves.
 import numpy as np
 
+from codajax import batching
 from codajax import explain
 
 
@@ -137,7 +138,7 @@ def write_explanations(model, params, images, labels, class_names: Sequence[str]
   """
   os.makedirs(out_dir, exist_ok=True)
   variables = {"params": params}
-  logits = jax.jit(model.apply)(variables, images)
+  logits = batching.forward(model, variables, images)
   preds = np.asarray(jnp.argmax(logits, -1))
   classes = np.stack([labels, preds], axis=1)
   e = jax.jit(explain.explain, static_argnums=0)(model, variables, images, classes)

@@ -40,6 +40,7 @@ from absl import app  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from absl import flags  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
+from codajax import cli  # pylint: disable=g-import-not-at-top
 from codajax import config_lib  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
@@ -51,7 +52,7 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  config_lib.quiet_logs()
+  cli.quiet_logs()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # Data preparation needs no accelerator.
   from codajax import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -61,7 +62,7 @@ def main(argv):
     input_pipeline.prepare(FLAGS.config)
     info = input_pipeline.get_info(FLAGS.config)
   except (input_pipeline.DataError, config_lib.ConfigError) as e:
-    raise SystemExit(config_lib.one_line(e)) from None  # One clear line.
+    raise SystemExit(cli.one_line(e)) from None  # One clear line.
   except KeyboardInterrupt as e:
     signum = e.args[0] if e.args else signal.SIGINT
     _exit_at_once(signum, None)
@@ -71,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  config_lib.run_app(main, flags_parser=config_lib.parse_flags)
+  cli.run_app(main, flags_parser=cli.parse_flags)

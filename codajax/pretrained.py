@@ -8,7 +8,7 @@ in [0, 1]. For the command line, the same net as a workdir:
 
   python -m codajax.pretrained 9L-S-CoDA-SQ-1000 --workdir workdirs/sq-1000
   python -m codajax.main --config configs/cifar10.py:9L-S-CoDA-SQ-1000 \
-      --workdir workdirs/sq-1000 --mode eval
+      --workdir workdirs/sq-1000 --mode accuracy
 
 `MODELS` lists the seven nets of the authors' repository (its
 interpretability/utils.py `_model_urls`): six 9L-S nets for CIFAR-10 at
@@ -23,15 +23,14 @@ load fills the cache, `cache_dir` or $CODAJAX_CACHE or ~/.cache/codajax:
   <cache>/<name>/orbax/                    the converted parameters, a workdir
                                            that `codajax.checkpoint` restores.
 
-It downloads the file (atomically: a partial download never takes the file's
-name), converts it with `codajax.convert`, checks the result against a torch
-forward of the authors' network (`convert.torch_forward`), and keeps it, so
-later loads need neither torch nor the network. The authors publish no
+It downloads the file (`codajax.download`), converts it (`codajax.convert`),
+checks the result against a torch forward of the authors' network, and keeps
+it, so later loads need neither torch nor the network. The authors publish no
 hashes, so the file's sha256 is recorded at its first download that passes
-the checks: a later download that differs (the file behind the URL changed,
-or arrived damaged) is an error rather than, silently, another model. A file
-that fails a check before its hash was recorded is removed, so the next run
-downloads it again; a failed run leaves no folder it created empty.
+the checks: a later download that differs is an error rather than, silently,
+another model. A file that fails a check before its hash was recorded is
+removed, so the next run downloads it again; a failed run leaves no folder it
+created empty.
 
 Names are matched case-insensitively ("9l-s-coda-sq-1000"). Every failure is
 a `PretrainedError`: one line naming the model and the fix. On the command
@@ -41,64 +40,51 @@ line and exits with status 130, leaving no partial file.
 
 import os
 import signal
-import sys
 
+from codajax import workdir as workdir_lib  # The standard library only: fast.
 
-def _interrupted(*unused_signal_args) -> None:
-  """Ctrl-C on the command line: one line and status 130 (128 + SIGINT), at
-  once, without the interpreter's teardown (XLA's and torch's threads)."""
-  sys.stdout.flush()
-  sys.stderr.write("codajax.pretrained: interrupted (Ctrl-C); no partial file was kept. "
-                   "Run the same command again.\n")
-  sys.stderr.flush()
-  os._exit(130)  # pylint: disable=protected-access
-
+INTERRUPTED = ("codajax.pretrained: interrupted (Ctrl-C); no partial file was kept. Run the "
+               "same command again.")
 
 if __name__ == "__main__":
   # Before the imports below (jax, orbax: seconds), which Ctrl-C would
-  # otherwise break with a long traceback.
-  signal.signal(signal.SIGINT, _interrupted)
+  # otherwise break with a long traceback: one line and status 130 (128 +
+  # SIGINT) at once, without the teardown of XLA's and torch's threads.
+  signal.signal(signal.SIGINT, lambda *_: workdir_lib.exit_at_once(130, INTERRUPTED))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import contextlib
 import dataclasses
-import hashlib
-import http.client
-import shutil
 import tempfile
-import urllib.request
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from codajax import architectures
+from codajax import batching
 from codajax import checkpoint
+from codajax import cli
 from codajax import config_lib
 from codajax import convert
+from codajax import download
 from codajax import models
 
 CACHE_ENV = "CODAJAX_CACHE"
 DEFAULT_CACHE = "~/.cache/codajax"
 CONVERTED = "orbax"        # <cache>/<name>/orbax: the converted workdir.
-SHA256 = "sha256"          # <cache>/<name>/sha256: recorded at first download.
-CHUNK = 1 << 20            # Download read size (bytes).
-TIMEOUT_S = 60.0           # Per network operation, not for the whole file.
 RTOL = 1e-4                # Of the import check, relative to the largest evidence.
-# Models are hashable: equal ones (every check of one architecture) share a compilation.
-_apply = jax.jit(lambda model, variables, x: model.apply(variables, x), static_argnums=0)
 
 
 class PretrainedError(RuntimeError):
-  """A pretrained model that cannot be loaded, and what to do about it.
-
-  The message is always one line (whitespace collapsed): the command line
-  prints it as is, and notebooks show it without a traceback's noise.
-  """
+  """A pretrained model that cannot be loaded, and what to do about it, in one
+  line (whitespace collapsed): the command line prints it as is."""
 
   def __init__(self, message: str):
     super().__init__(" ".join(str(message).split()))
+
+  def _render_traceback_(self):  # IPython (notebooks): the line, no traceback.
+    return [f"PretrainedError: {self}"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +185,7 @@ def to_workdir(name: str, workdir: str, *, cache_dir: Optional[str] = None,
   workdir's absolute path.
 
   `python -m codajax.main --config <MODELS[name].config> --workdir <workdir>
-  --mode eval` (or explain, evaluate) then uses it. The workdir must hold no
+  --mode accuracy` (or explain, evaluate) then uses it. The workdir must hold no
   checkpoint yet.
   """
   entry, _, params, meta = _load(name, cache_dir, url, progress=True)
@@ -251,9 +237,12 @@ def _fetch_and_convert(entry, model, directory, url, progress) -> None:
   again instead of failing on it, or refusing the right file, for good.
   """
   path = os.path.join(directory, entry.filename)
-  sha = (_check_cached(entry, path) if os.path.exists(path)
-         else _download(entry, url, path, progress))
-  verified = _recorded_sha256(path) is not None
+  try:
+    sha = (download.check_cached(path) if os.path.exists(path)
+           else download.fetch(url, path, progress=progress))
+  except download.DownloadError as e:
+    raise PretrainedError(f"{entry.name}: {e}") from e
+  verified = download.recorded_sha256(path) is not None
   fix = (f"delete {directory} and run again, or check the URL" if verified else
          "it was removed from the cache; check the URL and run again")
   try:
@@ -265,20 +254,17 @@ def _fetch_and_convert(entry, model, directory, url, progress) -> None:
       os.remove(path)
     raise
   if not verified:
-    _record_sha256(path, sha)
+    download.record_sha256(path, sha)
   meta = {"pretrained": entry.name, "config": entry.config, "source": url, "sha256": sha,
           "model": model_config(entry.name).to_dict()}
-  # Written aside, then renamed: a crash never leaves a half-written cache entry.
-  tmp = tempfile.mkdtemp(prefix=f".{CONVERTED}-", dir=directory)
-  try:
-    checkpoint.save_imported(tmp, variables["params"], meta)
-    os.replace(tmp, os.path.join(directory, CONVERTED))
+  converted = os.path.join(directory, CONVERTED)
+  try:  # Written aside, then renamed: a crash never leaves a half-written entry.
+    with workdir_lib.atomic_path(converted) as tmp:
+      checkpoint.save_imported(tmp, variables["params"], meta)
   except OSError:
-    if not os.path.isdir(os.path.join(directory, CONVERTED)):
+    if not os.path.isdir(converted):
       raise
     # Another process converted it meanwhile; use theirs.
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _require_torch(entry: Pretrained) -> None:
@@ -315,8 +301,8 @@ def _read(entry: Pretrained, path: str, fix: str) -> dict[str, np.ndarray]:
     # torch's own message (chained) is long and suggests unsafe loading.
     raise PretrainedError(
         f"{entry.name}: {path} is not a PyTorch state dict (torch.load(..., "
-        "weights_only=True) refused it), so not the authors' file: perhaps a file host's "
-        f"error page; {fix}.") from e
+        "weights_only=True) refused it), so not the authors' file: perhaps a download "
+        f"cut short or a file host's error page; {fix}.") from e
 
 
 def _from_state_dict(entry, model, path, state_dict, fix):
@@ -341,7 +327,7 @@ def _check_against_torch(entry, model, state_dict, variables, sha, fix) -> None:
   plain = model.clone(temperature=1.0, logit_bias=0.0)
   want = convert.torch_forward(state_dict, plain, x)
   with jax.default_matmul_precision("highest"):  # Not TF32 on GPUs.
-    got = np.asarray(_apply(plain, variables, x), np.float64)
+    got = np.asarray(batching.forward(plain, variables, x), np.float64)
   err = float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-30))
   if not err <= RTOL:
     raise PretrainedError(
@@ -356,143 +342,14 @@ def _check_against_torch(entry, model, state_dict, variables, sha, fix) -> None:
 
 def _restore(entry: Pretrained, model: models.CoDANet, converted: str):
   """(params, meta) from the cache's converted workdir."""
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  x = jnp.zeros((1, entry.image_size, entry.image_size, 3), jnp.float32)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                          shapes)
-  fix = f"delete {converted} and run again (it is rebuilt from the cached download)"
-  mngr = checkpoint.manager(converted, asynchronous=False, keep_best=False)
+  x = jax.ShapeDtypeStruct((1, entry.image_size, entry.image_size, 3), np.float32)
   try:
-    restored = checkpoint.restore(mngr, abstract)
+    _, params, meta = checkpoint.load_params(converted, model, x)
   except checkpoint.CheckpointError as e:
-    raise PretrainedError(f"{entry.name}: the converted copy is unusable ({e}); {fix}.") from e
-  finally:
-    mngr.close()
-  if restored is None:
-    raise PretrainedError(f"{entry.name}: the converted copy {converted} holds no "
-                          f"checkpoint; {fix}.")
-  _, params, _, meta = restored
-  return params, meta
-
-
-# Download and hashes. ---------------------------------------------------------
-
-
-def _download(entry: Pretrained, url: str, path: str, progress: bool) -> str:
-  """Downloads url to path atomically; returns its sha256 (checked if recorded)."""
-  recorded = _recorded_sha256(path)
-  fd, tmp = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".part",
-                             dir=os.path.dirname(path))
-  h, done, shown = hashlib.sha256(), 0, False
-  try:
-    with os.fdopen(fd, "wb") as f:
-      try:
-        response = urllib.request.urlopen(
-            urllib.request.Request(url, headers={"User-Agent": "codajax"}), timeout=TIMEOUT_S)
-      except (OSError, ValueError, http.client.HTTPException) as e:
-        raise PretrainedError(
-            f"{entry.name}: cannot download {url} ({_reason(e)}). Check the network "
-            f"connection (or proxy), or download the file by hand to {path} and run "
-            "again.") from e
-      with response:
-        total = int(response.headers.get("Content-Length") or 0)
-        try:
-          while chunk := response.read(CHUNK):
-            f.write(chunk)
-            h.update(chunk)
-            done += len(chunk)
-            if progress:
-              shown = _show_progress(entry.name, done, total)
-        except (OSError, http.client.HTTPException) as e:
-          raise PretrainedError(
-              f"{entry.name}: the download from {url} stopped after {done} bytes "
-              f"({_reason(e)}); nothing was kept. Run again (check the network and the "
-              f"free space in {os.path.dirname(path)}).") from e
-      if total and done != total:
-        raise PretrainedError(
-            f"{entry.name}: the download from {url} ended after {done} of {total} bytes; "
-            "nothing was kept. Run again.")
-      f.flush()
-      os.fsync(f.fileno())
-    sha = h.hexdigest()
-    if recorded and sha != recorded:
-      raise PretrainedError(
-          f"{entry.name}: the downloaded file has sha256 {sha}, not the {recorded} "
-          f"recorded at its first download ({_sha256_path(path)}): the file behind {url} "
-          "has changed or arrived damaged, and was not kept. Run again to retry; to "
-          f"accept the new file, delete {_sha256_path(path)}.")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  finally:
-    if shown:
-      sys.stderr.write("\n")
-  return sha
-
-
-def _check_cached(entry: Pretrained, path: str) -> str:
-  """The cached file's sha256, checked against the recorded one if any."""
-  sha, recorded = _file_sha256(path), _recorded_sha256(path)
-  if recorded and sha != recorded:
     raise PretrainedError(
-        f"{entry.name}: the cached {path} has sha256 {sha}, not the {recorded} recorded "
-        f"at its first download ({_sha256_path(path)}): it was changed or damaged. Delete "
-        "it to download it again.")
-  return sha
-
-
-def _sha256_path(path: str) -> str:
-  return os.path.join(os.path.dirname(path), SHA256)
-
-
-def _recorded_sha256(path: str) -> Optional[str]:
-  try:
-    with open(_sha256_path(path)) as f:
-      return f.read().split()[0]
-  except (FileNotFoundError, IndexError):
-    return None
-
-
-def _record_sha256(path: str, sha: str) -> None:
-  """Writes `<sha>  <file name>` (sha256sum's format) atomically."""
-  target = _sha256_path(path)
-  fd, tmp = tempfile.mkstemp(prefix=f".{SHA256}.", dir=os.path.dirname(target))
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(f"{sha}  {os.path.basename(path)}\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, target)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def _file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(CHUNK):
-      h.update(chunk)
-  return h.hexdigest()
-
-
-def _reason(e: BaseException) -> str:
-  """URLError hides the cause in .reason; a socket timeout says only 'timed out'."""
-  reason = getattr(e, "reason", None) or e
-  return str(reason) or type(reason).__name__
-
-
-def _show_progress(name: str, done: int, total: int) -> bool:
-  mb = done / 1e6
-  text = (f"{mb:.1f} of {total / 1e6:.1f} MB ({100 * done // total}%)" if total
-          else f"{mb:.1f} MB")
-  sys.stderr.write(f"\rcodajax: downloading {name}: {text}")
-  sys.stderr.flush()
-  return True
+        f"{entry.name}: the converted copy {converted} is unusable ({e}); delete it and run "
+        "again (it is rebuilt from the cached download).") from e
+  return params, meta
 
 
 # Command line. ----------------------------------------------------------------
@@ -525,7 +382,7 @@ def main(argv, flag_values=None) -> None:
   print(f"Wrote the authors' {entry.name} to {workdir}. Evaluate it (from a codajax "
         "checkout, which has configs/) with:")
   print(f"  python -m codajax.main --config {entry.config} --workdir {workdir} "
-        "--mode eval")
+        "--mode accuracy")
 
 
 if __name__ == "__main__":
@@ -534,6 +391,6 @@ if __name__ == "__main__":
   # its partial file on the way out; then one line and 130.
   signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
-    config_lib.run_app(main)
+    cli.run_app(main)
   except KeyboardInterrupt:
-    _interrupted()
+    workdir_lib.exit_at_once(130, INTERRUPTED)

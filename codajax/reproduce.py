@@ -21,7 +21,7 @@ Methods on the same model are compared on the same grids (images), paired:
 grids and images are drawn in a fixed sequence, so a method run on fewer
 grids is paired with the first ones of the other. Ours across T compares
 different models, whose grids differ: unpaired. Nothing is recomputed here;
-every result is read back with its files checked (`evaluation.stored_result`).
+every result is read back with its files checked (`result_store.stored_result`).
 """
 
 import glob
@@ -34,8 +34,9 @@ import numpy as np
 
 from codajax import bootstrap
 from codajax import metrics
-from codajax import evaluation
 from codajax import plotting
+from codajax import result_store
+from codajax import workdir
 
 PLATEAU_POINTS = 0.5  # Top-1 points the last 20% of training may gain at a plateau.
 BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
@@ -89,7 +90,7 @@ def results(workdir: str, metric: str) -> dict:
   found = {}
   for path in sorted(glob.glob(os.path.join(out_dir, metric, "*.json"))):
     method = os.path.basename(path)[:-len(".json")]
-    stored, why = evaluation.stored_result(out_dir, metric, method, None)
+    stored, why = result_store.stored_result(out_dir, metric, method, None)
     if stored is None:
       raise ReportError(f"{why or path + ' has no result'} Rerun "
                         "launch/reproduce_fashion_mnist.sh to recompute it.")
@@ -201,9 +202,8 @@ def update_readme(path: str, text: str) -> None:
   if readme.count(BEGIN) != 1 or readme.count(END) != 1:
     raise ReportError(f"{path} needs one {BEGIN} line and one {END} line around the table.")
   head, rest = readme.split(BEGIN)
-  with open(path + ".tmp", "w") as f:
+  with workdir.atomic_path(path) as tmp, open(tmp, "w") as f:
     f.write(head + BEGIN + "\n" + text + END + rest.split(END, 1)[1])
-  os.replace(path + ".tmp", path)
 
 
 def main(argv=None) -> None:

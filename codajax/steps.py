@@ -37,15 +37,10 @@ def learning_rate_fn(config, updates_per_epoch: float, total_updates: int):
   """
   base = config.learning_rate
   epoch = lambda count: count / updates_per_epoch
-  if config.lr_schedule == "constant":
-    return lambda count: base * jnp.ones_like(count, jnp.float32)
-  if config.lr_schedule == "cosine":
-    return optax.cosine_decay_schedule(base, max(1, total_updates))
   step_decay = lambda count: base / config.lr_decay_factor ** jnp.floor(
       epoch(count) / config.lr_decay_every_epochs)
-  if config.lr_schedule == "step":
-    return step_decay
-  if config.lr_schedule == "warmup_step":
+
+  def warmup_step():
     warmup = int(config.warmup_epochs)  # Whole epochs.
     ramp = np.linspace(config.warmup_start_lr, base, max(warmup, 1)).astype(np.float32)
 
@@ -54,8 +49,14 @@ def learning_rate_fn(config, updates_per_epoch: float, total_updates: int):
       warm = jnp.asarray(ramp)[jnp.clip(e, 0, len(ramp) - 1)]
       return jnp.where(e < warmup, warm, step_decay(count))
     return fn
-  raise ValueError(f"config.lr_schedule={config.lr_schedule!r}: use constant, "
-                   "cosine, step or warmup_step.")
+
+  # One entry per config_lib.LR_SCHEDULES (config_lib.validate admits no other).
+  schedules = {
+      "constant": lambda: lambda count: base * jnp.ones_like(count, jnp.float32),
+      "cosine": lambda: optax.cosine_decay_schedule(base, max(1, total_updates)),
+      "step": lambda: step_decay,
+      "warmup_step": warmup_step}
+  return schedules[config.lr_schedule]()
 
 
 def make_optimizer(config, lr_fn) -> optax.GradientTransformation:
@@ -106,7 +107,7 @@ def eval_step(params, batch, *, model):
   The true class's rank counts the other classes whose logit is not below it,
   so a tie counts as wrong (as argmax accuracy counts it: all-equal logits score
   0), and so does a NaN. "nonfinite" counts the examples with a NaN or inf
-  logit; `codajax.train.evaluate` refuses to report metrics when it is not 0.
+  logit; `codajax.train.accuracy` refuses to report metrics when it is not 0.
   """
   logits = model.apply({"params": params}, batch["image"])
   labels, mask = batch["label"], batch["mask"]

@@ -24,7 +24,7 @@ Two choices differ from the authors' script, both visible in the arguments:
     notebooks do not play. Writing needs the `video` extra (`bash launch/setup.sh video`).
 
 The explanations themselves are `codajax.explain` (no autodiff); this module
-only batches them over frames and turns them into pictures.
+only batches them over frames (`codajax.batching`) and turns them into pictures.
 
 A file that cannot be read as a video (empty, text, truncated, no frames) is
 a `VideoError` (a ValueError): one line naming the file and what was expected.
@@ -35,7 +35,6 @@ import functools
 import os
 import pathlib
 from typing import Optional
-import uuid
 import warnings
 
 import jax
@@ -43,10 +42,12 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
-from codajax import config_lib
+from codajax import batching
+from codajax import cli
 from codajax import explain
 from codajax import models
 from codajax import plotting
+from codajax import workdir as workdir_lib
 
 # The authors' clipping value (interpretability/configs.py, MAXV), for their
 # 9L-L ImageNet model: "99.75th percentile over the most confident examples
@@ -54,7 +55,7 @@ from codajax import plotting
 AUTHORS_MAXV = 0.011118167620152223
 # The default colour limit: this percentile of |maps| over all frames.
 PERCENTILE = 99.75
-VIDEO_EXTRA = config_lib.install_hint("video")
+VIDEO_EXTRA = cli.install_hint("video")
 SUFFIXES = (".gif", ".mp4")
 FFMPEG_INVALID = "Invalid data found when processing input"  # ffmpeg's AVERROR_INVALIDDATA.
 
@@ -89,7 +90,7 @@ def prepare_frames(frames, image_size: int, resize_size: Optional[int] = None) -
   new = (max(round(h * scale), resize_size), max(round(w * scale), resize_size))
   top, left = (new[0] - image_size) // 2, (new[1] - image_size) // 2
   fn = functools.partial(_resize_crop, new=new, crop=(top, left, image_size))
-  return _apply_in_chunks(fn, frames, min(t, 8))
+  return batching.map_batches(fn, frames, batch_size=min(t, 8))
 
 
 @functools.partial(jax.jit, static_argnames=("new", "crop"))
@@ -118,20 +119,6 @@ def _check_frames(frames) -> np.ndarray:
   return frames
 
 
-def _apply_in_chunks(fn, frames: np.ndarray, chunk: int):
-  """fn over frames in equal chunks of `chunk` frames, outputs (arrays or
-  tuples of arrays) concatenated; the last chunk is padded by repeating its
-  last frame, so that fn sees one shape and compiles once."""
-  outs = []
-  for start in range(0, len(frames), chunk):
-    x = frames[start:start + chunk]
-    n = len(x)
-    if n < chunk:
-      x = np.concatenate([x, np.repeat(x[-1:], chunk - n, axis=0)])
-    outs.append(jax.tree.map(lambda a, n=n: np.asarray(a[:n]), fn(x)))
-  return jax.tree.map(lambda *a: np.concatenate(a), *outs)
-
-
 # --------------------------------------------------------------- explanations
 
 
@@ -142,13 +129,8 @@ def _maps_and_logits(model, variables, x, class_idx):
   return e.contributions[:, 0].sum(axis=-1), e.logits
 
 
-def _forward(model, variables, x):
-  return model.apply(variables, x)
-
-
-# Module level, so that their compilations are kept across calls and videos.
+# Module level, so that its compilations are kept across calls and videos.
 _explain_chunk = jax.jit(_maps_and_logits, static_argnums=0)
-_logits_chunk = jax.jit(_forward, static_argnums=0)
 
 
 def most_predicted(logits) -> int:
@@ -180,11 +162,12 @@ def explain_frames(model: models.CoDANet, variables, frames, class_idx: Optional
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
   chunk = min(batch_size, len(frames))
   if class_idx is None:
-    logits = _apply_in_chunks(functools.partial(_logits_chunk, model, variables), frames, chunk)
+    logits = batching.map_batches(functools.partial(batching.forward, model, variables),
+                                  frames, batch_size=chunk)
     class_idx = most_predicted(logits)
   class_idx = _check_class(class_idx, model.num_classes)
   fn = functools.partial(_explain_chunk, model, variables, class_idx=jnp.int32(class_idx))
-  maps, logits = _apply_in_chunks(fn, frames, chunk)
+  maps, logits = batching.map_batches(fn, frames, batch_size=chunk)
   return maps.astype(np.float32), logits, class_idx
 
 
@@ -271,18 +254,8 @@ def write_video(path, frames_uint8, fps: float = 10.0) -> str:
     raise ValueError(f"fps must be > 0, got {fps}.")
   write = _write_gif if suffix == ".gif" else _write_mp4
   write_module = _import_video_libs(suffix)  # Before any file is created.
-  # A hidden name beside `path` (os.replace does not cross file systems) that
-  # keeps the suffix, from which ffmpeg picks the container. Not mkstemp: its
-  # file would be private (0600) after the rename.
-  directory, name = os.path.split(os.path.abspath(path))
-  tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
-  try:
+  with workdir_lib.atomic_path(path) as tmp:  # Keeps the suffix, for ffmpeg.
     write(write_module, tmp, frames, float(fps))
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
   return path
 
 

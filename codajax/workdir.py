@@ -16,15 +16,17 @@ its one line and leaves with `os._exit`, so that no thread of XLA, TensorFlow
 or Orbax runs during the interpreter's teardown (that crashed natively).
 """
 
+import contextlib
 import datetime
 import fcntl
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
 import threading
-from typing import Optional
+from typing import Iterator, Optional
 
 LOCK_FILE = ".codajax.lock"
 _OPEN = []  # The open Workdirs of this process, for exit_at_once.
@@ -170,3 +172,33 @@ def _describe(holder: str) -> str:
     return f"pid {h['pid']} on {h['host']} since {h['since']}: {h['command']}"
   except (ValueError, KeyError, TypeError):
     return "holder unknown"
+
+
+@contextlib.contextmanager
+def atomic_path(final_path: str) -> Iterator[str]:
+  """Yields a temporary path beside `final_path` for the block to write a file
+  or a folder at; renames it to `final_path` when the block ends, and removes
+  it if the block (or the rename) raises.
+
+  So neither a reader nor a run killed midway sees a half-written
+  `final_path`: it holds the old content or the whole new one. The temporary
+  name is hidden (a leading dot), unique, in the same folder (os.replace does
+  not cross file systems) and keeps the suffix (ffmpeg picks the container
+  from it). Nothing is created there: a file gets the usual permissions
+  (mkstemp's would stay private, 0600) and a writer can make a folder. A file
+  is synced to disk before the rename; a folder replaces only a missing or
+  empty `final_path` (os.replace's rule; else its OSError propagates).
+  """
+  directory, name = os.path.split(os.path.abspath(final_path))
+  tmp = os.path.join(directory, f".{name}.{os.urandom(6).hex()}.tmp{os.path.splitext(name)[1]}")
+  try:
+    yield tmp
+    if os.path.isfile(tmp):
+      with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final_path)
+  finally:
+    if os.path.isdir(tmp) and not os.path.islink(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+    elif os.path.lexists(tmp):
+      os.remove(tmp)

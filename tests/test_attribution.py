@@ -5,6 +5,7 @@ computed once per (method, options) and shared between tests (`_attribution`).
 """
 
 import functools
+import inspect
 import sys
 
 import chex
@@ -58,6 +59,25 @@ def test_shape_and_dtype(method):
   chex.assert_shape(maps, (N, K, H, H))
   assert maps.dtype == np.float32
   assert np.isfinite(maps).all() and np.abs(maps).max() > 0, method
+
+
+def test_each_method_has_one_function_taking_its_declared_options():
+  """methods.OPTIONS is the one declaration of the options and their defaults:
+  the table has a function for every method but LIME (run on the host), and
+  each computation takes exactly its method's options, with no defaults of its own."""
+  assert set(attribution._FUNCTIONS) == set(attribution.METHODS) - {"lime"}
+  for fn, method in ((attribution.integrated_gradients, "intgrad"),
+                     (attribution.gradcam, "gradcam"), (attribution.occlusion, "occ5"),
+                     (attribution.occlusion, "occ9"), (attribution.rise, "rise")):
+    options = {name: p for name, p in inspect.signature(fn).parameters.items()
+               if p.kind is p.KEYWORD_ONLY}
+    assert set(options) == set(attribution.OPTIONS[method]), method
+    assert all(p.default is p.empty for p in options.values()), method
+  lime = list(inspect.signature(attribution._lime).parameters)
+  assert lime[4:] == list(attribution.OPTIONS["lime"])
+  for method in ("ours", "grad", "ixg", "deeplift"):
+    assert not attribution.OPTIONS[method]
+    assert len(inspect.signature(attribution._FUNCTIONS[method]).parameters) == 4
 
 
 def test_unknown_method_option_or_value_raises():
@@ -278,7 +298,8 @@ def test_occlusion_of_a_function_linear_in_one_pixel(ks, exact_patch, covering):
   weights = jnp.array([1.0, -2.0, 0.5])
   logits_fn = lambda x: x[:, 4, 5, :].sum(-1, keepdims=True) * weights
   x = images((2, 12, 12, 3), seed=4)
-  maps = np.asarray(attribution.occlusion(logits_fn, x, ks, exact_patch=exact_patch))
+  options = dict(attribution.OPTIONS[f"occ{ks}"], exact_patch=exact_patch)
+  maps = np.asarray(attribution.occlusion(logits_fn, x, ks, **options))
   effect = np.asarray(logits_fn(x))                                          # (2, 3)
   np.testing.assert_allclose(maps.sum(axis=(2, 3)), covering * effect, rtol=1e-5)
   half = (ks - 1) // 2
@@ -311,7 +332,9 @@ def test_rise_is_seeded_and_unbiased():
   mask pixel is on with probability p (interpolation weights sum to 1)."""
   x = images((2, 12, 12, 3), seed=6)
   logits_fn = lambda x: jnp.zeros((x.shape[0], 1)) + jnp.array([1.5])
-  run = functools.partial(attribution.rise, logits_fn, x, num_masks=3000, chunk=64)
+  options = dict(attribution.OPTIONS["rise"], num_masks=3000, chunk=64)
+  del options["seed"]
+  run = functools.partial(attribution.rise, logits_fn, x, **options)
   a, b, c = np.asarray(run(seed=0)), np.asarray(run(seed=0)), np.asarray(run(seed=1))
   np.testing.assert_array_equal(a, b)
   assert np.abs(a - c).max() > 1e-3

@@ -205,11 +205,11 @@ def test_old_checkpoint_evaluates_to_its_logged_metrics(old_main):
   assert len(logged) == 1
   run = train.setup(old_config(), str(old_main / "trained"))
   assert run.start == 6
-  result = train.eval_mode(run)
-  assert result["step"] == 6  # Eval mode says which step it evaluated.
-  assert result["eval/count"] == logged[0]["eval/count"] == 359
+  result = train.accuracy_mode(run)
+  assert result.step == 6  # The accuracy mode says which step it evaluated.
+  assert result.metrics["eval/count"] == logged[0]["eval/count"] == 359
   for key in ("eval/loss", "eval/top1", "eval/top5"):
-    np.testing.assert_allclose(result[key], logged[0][key], rtol=1e-6, err_msg=key)
+    np.testing.assert_allclose(result.metrics[key], logged[0][key], rtol=1e-6, err_msg=key)
 
 
 @pytest.mark.parametrize("name, step", [("trained", 6), ("imported", 0)])
@@ -230,7 +230,7 @@ def test_training_resumes_from_an_old_checkpoint(old_main):
   config = old_config()
   config.update(num_steps=8, eval_every_steps=100, checkpoint_every_steps=100)
   result = train.train_and_evaluate(config, workdir)
-  assert result["eval/count"] == 359 and np.isfinite(result["eval/loss"])
+  assert result.metrics["eval/count"] == 359 and np.isfinite(result.metrics["eval/loss"])
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     steps = [r["step"] for r in map(json.loads, f) if "train/loss" in r]
   assert steps[-2:] == [6, 8]  # The copied log, then step 8 after the resume.
@@ -257,3 +257,21 @@ def test_unfinished_saves_are_removed_in_one_line_and_committed_ones_kept(tmp_pa
   with pytest.raises(checkpoint.CheckpointError, match="step 3 was not committed"):
     checkpoint.wait_committed(mngr, 3)
   mngr.close()
+
+
+def test_load_params_gives_the_latest_step_as_saved_on_the_given_sharding(tmp_path):
+  model = models.tiny(num_classes=3)
+  x = jnp.zeros((1, 8, 8, 1))
+  params = jax.device_get(model.init(jax.random.key(1), x)["params"])
+  mngr = checkpoint.manager(str(tmp_path), asynchronous=False)
+  checkpoint.save(mngr, 4, jax.tree.map(lambda a: a - 1, params), None, {"model": {}})
+  checkpoint.save(mngr, 7, params, None, {"model": {}})
+  mngr.close()
+  device = jax.devices()[-1]
+  step, restored, meta = checkpoint.load_params(
+      str(tmp_path), model, x, sharding=jax.sharding.SingleDeviceSharding(device))
+  assert (step, meta["step"]) == (7, 7)
+  chex.assert_trees_all_equal(jax.device_get(restored), params)
+  assert all(leaf.devices() == {device} for leaf in jax.tree.leaves(restored))
+  with pytest.raises(checkpoint.CheckpointError, match="holds no checkpoint"):
+    checkpoint.load_params(str(tmp_path / "empty"), model, x)

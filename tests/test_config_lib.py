@@ -16,6 +16,7 @@ import pytest
 
 from codajax import architectures
 from codajax import config_lib
+from codajax import methods
 from configs import cifar10
 from configs import digits
 from configs import fashion_mnist
@@ -234,6 +235,39 @@ def override(*args):
   return fv.config
 
 
+# --config.<override> of config.model and config.evaluation: the start of the one-line
+# message that names it (after "config."), with spelling hints for the evaluation's names.
+PROBLEMS = {
+    "model.dtype=bfloat61": "model.dtype='bfloat61': use one of ('float32', 'bfloat16').",
+    "model.impl=fast": "model.impl='fast': use one of",
+    "model.contraction=matmul": "model.contraction='matmul': use one of",
+    "model.norm=l1": "model.norm='l1': use one of",
+    "model.ranks=abc": "model.ranks=('abc',): must be a sequence of integers, one per layer",
+    "model.ranks=(8,8)":
+        "model.ranks=(8, 8): has 2 entries but out_channels has 4; give one per layer.",
+    "model.strides=(1,0,1,1)": "model.strides=(1, 0, 1, 1): entries must",
+    "model.temperature=0": "model.temperature=0.0: must be",
+    "evaluation.methods=('ours','shap')": "evaluation.methods=('ours', 'shap'): must be a "
+    "non-empty sequence of ('ours', 'grad', 'ixg', 'intgrad', 'deeplift', 'gradcam', 'occ5', "
+    "'occ9', 'rise', 'lime').",
+    "evaluation.metrics=('pointing',)": "evaluation.metrics=('pointing',):",
+    "evaluation.grid_size=1": "evaluation.grid_size=1: must be an integer >= 2.",
+    "evaluation.smooth=4": "evaluation.smooth=4: must be odd",
+    "evaluation.conf_thresh=1.5": "evaluation.conf_thresh=1.5: must be in",
+    "evaluation.fraction=0": "evaluation.fraction=0.0: must be in (0, 1].",
+    "evaluation.order=random": "evaluation.order='random': use one of ('least', 'most').",
+    "evaluation.fill=grey": "evaluation.fill='grey': use one of",
+    "evaluation.methods=('GradCAM','IxG')": "evaluation.methods=('GradCAM', 'IxG'): must be "
+    "a non-empty sequence of ('ours', 'grad', 'ixg', 'intgrad', 'deeplift', 'gradcam', "
+    "'occ5', 'occ9', 'rise', 'lime'). Did you mean 'gradcam' for 'GradCAM', 'ixg' for 'IxG'?",
+    "evaluation.metrics=('pixel_remova',)": "evaluation.metrics=('pixel_remova',): must be a "
+    "non-empty sequence of ('localisation', 'pixel_removal'). Did you mean 'pixel_removal' "
+    "for 'pixel_remova'?",
+    "evaluation.image_order=random":
+        "evaluation.image_order='random': use one of ('auto', 'dataset', 'shuffled')",
+}
+
+
 @pytest.mark.parametrize("args, message", [
     (["--config.batch_size=0"], "config.batch_size=0: must be an integer >= 1."),
     (["--config.batch_size=-32"], "config.batch_size=-32: must be an integer >= 1."),
@@ -253,42 +287,12 @@ def override(*args):
     (["--config.seed=-1"], "config.seed=-1: must be an integer in [0, 2**32)."),
     (["--config.learning_rate=0"], "config.learning_rate=0.0: must be a finite number > 0."),
     (["--config.learning_rate=nan"], "config.learning_rate=nan: must be"),
+    # The choices, named with the list to pick from.
     (["--config.lr_schedule=cosin"], "config.lr_schedule='cosin': use one of ('constant', "),
     (["--config.augment=flip"], "config.augment='flip': use one of ('none', "),
-    (["--config.model.dtype=bfloat61"], "config.model.dtype='bfloat61': use one of "
-                                        "('float32', 'bfloat16')."),
-    (["--config.model.impl=fast"], "config.model.impl='fast': use one of"),
-    (["--config.model.contraction=matmul"], "config.model.contraction='matmul': use one of"),
-    (["--config.model.norm=l1"], "config.model.norm='l1': use one of"),
-    (["--config.model.ranks=abc"], "config.model.ranks=('abc',): must be a sequence of "
-                                   "integers, one per layer"),
-    (["--config.model.ranks=(8,8)"], "config.model.ranks=(8, 8): has 2 entries but "
-                                     "model.out_channels has 4; give one per layer."),
-    (["--config.model.strides=(1,0,1,1)"], "config.model.strides=(1, 0, 1, 1): entries must"),
-    (["--config.model.temperature=0"], "config.model.temperature=0.0: must be"),
     (["--config.image_size=0"], "config.image_size=0: must be an integer >= 1 (or unset)."),
     (["--config.dataset=mnist"], "config.dataset='mnist': use 'tfds:<name>' or one of"),
-    (["--config.evaluation.methods=('ours','shap')"], "config.evaluation.methods=('ours', "
-     "'shap'): must be a non-empty sequence of ('ours', 'grad', 'ixg', 'intgrad', 'deeplift', "
-     "'gradcam', 'occ5', 'occ9', 'rise', 'lime')."),
-    (["--config.evaluation.metrics=('pointing',)"], "config.evaluation.metrics=('pointing',):"),
-    (["--config.evaluation.grid_size=1"], "config.evaluation.grid_size=1: must be an integer "
-                                          ">= 2."),
-    (["--config.evaluation.smooth=4"], "config.evaluation.smooth=4: must be odd"),
-    (["--config.evaluation.conf_thresh=1.5"], "config.evaluation.conf_thresh=1.5: must be in"),
-    (["--config.evaluation.fraction=0"], "config.evaluation.fraction=0.0: must be in (0, 1]."),
-    (["--config.evaluation.order=random"], "config.evaluation.order='random': use one of "
-                                           "('least', 'most')."),
-    (["--config.evaluation.fill=grey"], "config.evaluation.fill='grey': use one of"),
-    (["--config.evaluation.methods=('GradCAM','IxG')"], "config.evaluation.methods=("
-     "'GradCAM', 'IxG'): must be a non-empty sequence of ('ours', 'grad', 'ixg', 'intgrad', "
-     "'deeplift', 'gradcam', 'occ5', 'occ9', 'rise', 'lime'). Did you mean 'gradcam' for "
-     "'GradCAM', 'ixg' for 'IxG'?"),
-    (["--config.evaluation.metrics=('pixel_remova',)"], "config.evaluation.metrics=("
-     "'pixel_remova',): must be a non-empty sequence of ('localisation', 'pixel_removal'). "
-     "Did you mean 'pixel_removal' for 'pixel_remova'?"),
-    (["--config.evaluation.image_order=random"], "config.evaluation.image_order='random': "
-     "use one of ('auto', 'dataset', 'shuffled')"),
+    *[([f"--config.{k}"], f"config.{v}") for k, v in PROBLEMS.items()],
     (["--config.evaluation.options.rise.num_mask=5"], None),
 ])
 def test_validate_names_the_field_and_the_fix(args, message):
@@ -317,20 +321,36 @@ def test_num_steps_overrides_a_bad_num_epochs():
   config_lib.validate(override("--config.num_epochs=-3", "--config.num_steps=5"))
 
 
-def test_known_values_agree_with_the_modules():
-  from codajax import dau, models, steps  # pylint: disable=g-import-not-at-top
-  assert config_lib.IMPLS == models.IMPLS
-  assert config_lib.CONTRACTIONS == models.CONTRACTIONS
-  assert config_lib.NORMS == dau.NORMS
-  from codajax import attribution, metrics  # pylint: disable=g-import-not-at-top
-  assert attribution.METHODS == tuple(config_lib.ATTRIBUTION_OPTIONS)
-  assert set(config_lib.PAPER_METHODS) <= set(attribution.METHODS)
-  assert config_lib.REMOVAL_ORDERS == metrics.ORDERS
-  assert config_lib.REMOVAL_FILLS == metrics.FILLS
+def test_every_declared_choice_is_accepted_and_implemented():
+  """Each choice is declared once (architectures, methods, config_lib) and
+  read from there: the config accepts it and the code that owns it runs it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from codajax import metrics, models, steps  # pylint: disable=g-import-not-at-top
   c = digits.get_config("tiny")
+  for field, choices in (("norm", architectures.NORMS), ("dtype", architectures.DTYPES),
+                         ("impl", architectures.IMPLS),
+                         ("contraction", architectures.CONTRACTIONS)):
+    for value in choices:
+      config = digits.get_config("tiny")
+      config.model[field] = value
+      config_lib.validate(config)
+      model = models.from_config(dict(architectures.tiny(3), **{field: value}))
+      model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
   for schedule in config_lib.LR_SCHEDULES:  # steps knows every one.
     c.lr_schedule = schedule
     steps.learning_rate_fn(config_lib.resolve(c, 10, 8), 10.0, 100)
+  assert set(methods.PAPER_METHODS) <= set(methods.METHODS)
+  maps = jnp.arange(16.0).reshape(1, 4, 4)
+  ranks = {order: metrics.removal_ranks(maps, order) for order in methods.ORDERS}
+  assert ranks["least"][0, 0, 0] == 0 and ranks["most"][0, 0, 0] == 15
+  model = models.tiny(2)
+  x = jnp.full((1, 8, 8, 3), 0.5)
+  variables = model.init(jax.random.key(0), x)
+  for fill in methods.FILLS:
+    metrics.pixel_removal_curves(model, variables, x, maps=jnp.zeros((1, 8, 8)),
+                                 targets=jnp.zeros(1, jnp.int32), fraction=0.25, points=2,
+                                 order="least", fill=fill)
 
 
 @pytest.mark.parametrize("name, variant, order", [

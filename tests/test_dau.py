@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from codajax import architectures
 from codajax import dau
 from codajax import dau_fused
 
-NORMS = ("squash", "l2")
+NORMS = architectures.NORMS
 # The reference forward and the fused one: both must satisfy the DAU's bounds.
 FORWARDS = {"reference": dau.layer, "fused": dau_fused.layer}
 

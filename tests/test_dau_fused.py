@@ -216,8 +216,9 @@ def test_bfloat16_layer_runs_its_contraction_in_bfloat16(contraction):
 
 
 def test_fused_transpose_and_chunks_agree_with_the_reference():
-  """dau_fused.transpose_materialized (whole batch, one image at a time) and
-  dau_fused.transpose against dau.transpose, for K = 1 and K = 3 rows."""
+  """dau_fused.transpose_materialized (whole batch, one image at a time, the
+  backend's chunk) and dau_fused.transpose against dau.transpose, for K = 1
+  and K = 3 rows."""
   spec = dau.Layer(features=5, rank=4, kernel=3, stride=2, padding=1, norm="squash")
   conv = models.CoDAConv(features=5, rank=4, kernel_size=3, stride=2, padding=1)
   x = jax.random.uniform(jax.random.key(0), (3, 9, 8, 4))
@@ -227,12 +228,15 @@ def test_fused_transpose_and_chunks_agree_with_the_reference():
 
   @jax.jit
   def run(p, g):
-    return (dau_fused.transpose_materialized(p, spec, x, g, chunk=None),
+    return (dau_fused.transpose_materialized(p, spec, x, g, chunk=x.shape[0]),
             dau_fused.transpose_materialized(p, spec, x, g, chunk=1),
+            dau_fused.transpose_materialized(p, spec, x, g),
             dau_fused.transpose(p, spec, x, g), dau.transpose(p, spec, x, g))
 
   for k in (1, 3):
-    ref, chunked, fused, explicit = run(p, jax.random.normal(jax.random.key(k), (3, 5, 4, 5, k)))
+    ref, chunked, default, fused, explicit = run(
+        p, jax.random.normal(jax.random.key(k), (3, 5, 4, 5, k)))
     assert _rel(ref, explicit) < 1e-6
     assert _rel(chunked, ref) < 1e-6
+    assert _rel(default, ref) < 1e-6
     assert _rel(fused, ref) < 1e-6

@@ -12,9 +12,9 @@ import tensorflow as tf
 from codajax import attribution
 from codajax import bootstrap
 from codajax import config_lib
-from codajax import input_pipeline
 from codajax import evaluation
 from codajax import plotting
+from codajax import result_store
 from codajax import train
 from configs import digits as digits_config
 from configs import image_folder as image_folder_config
@@ -30,7 +30,7 @@ def digits_evaluation(**options):
   # conf_thresh 0: a 40-step model has few confident images.
   c.evaluation.update(methods=METHODS, grid_size=2, num_grids=4, conf_thresh=0.0,
                       num_images=8, points=8, batch_size=4, num_comparison=2)
-  c.evaluation.update(evaluation)
+  c.evaluation.update(options)
   return c
 
 
@@ -77,10 +77,10 @@ def test_evaluate_writes_scores_summaries_and_figures_and_resumes(trained, monke
   result = train.train_and_evaluate(digits_evaluation(), workdir, mode="evaluate")
   assert set(calls) == {"occ5", "ours", "ixg"}  # occ5 for both metrics ...
   assert calls["ours"] == calls["ixg"] == 2  # ... the others for pixel removal only.
-  assert result["step"] == 40
-  assert sorted(map(os.path.basename, result["figures"])) == [
+  assert result.step == 40
+  assert sorted(map(os.path.basename, result.figures)) == [
       "comparison.png", "localisation.png", "pixel_removal.png"]
-  for path in result["figures"]:
+  for path in result.figures:
     with open(path, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -94,7 +94,7 @@ def test_evaluate_writes_scores_summaries_and_figures_and_resumes(trained, monke
                                np.percentile(scores, [25, 50, 75]), rtol=1e-6)
     assert loc["settings"]["metric"]["grid_size"] == 2
     assert loc["settings"]["options"] == dict(config_lib.ATTRIBUTION_OPTIONS[method])
-    assert result[f"localisation/{method}"] == loc["mean"]
+    assert result.metrics[f"localisation/{method}"] == loc["mean"]
     assert np.load(os.path.join(out, "localisation", f"{method}_maps.npy")).shape == (
         2, 4, 32, 32)
 
@@ -103,7 +103,7 @@ def test_evaluate_writes_scores_summaries_and_figures_and_resumes(trained, monke
     assert curves.shape == (8, 9)  # 64 of 256 pixels in 8 steps of 8: 9 points.
     np.testing.assert_allclose(removal["curve"], curves.mean(0), rtol=1e-6)
     np.testing.assert_allclose(removal["curve_mean"], curves.mean(), rtol=1e-6)
-    assert removal["last"] == result[f"pixel_removal/{method}"]
+    assert removal["last"] == result.metrics[f"pixel_removal/{method}"]
     assert removal["settings"]["metric"]["fill"] == "encoded_zero"
     for line in (loc, removal):  # Digits come in no known order: a seeded shuffle.
       assert line["data"]["image_order"] == "shuffled" and line["data"]["image_seed"] == 42
@@ -117,8 +117,7 @@ def test_evaluate_writes_scores_summaries_and_figures_and_resumes(trained, monke
   calls = count_calls(monkeypatch)
   again = train.train_and_evaluate(digits_evaluation(), workdir, mode="evaluate")
   assert calls == {}
-  assert {k: v for k, v in again.items() if k != "figures"} == {
-      k: v for k, v in result.items() if k != "figures"}
+  assert headlines(again) == headlines(result)
   config = digits_evaluation()
   config.evaluation.options.occ5.exact_patch = True
   train.train_and_evaluate(config, workdir, mode="evaluate")
@@ -142,8 +141,8 @@ def test_pixel_removal_alone_draws_only_its_figure(trained):
   result = train.train_and_evaluate(digits_evaluation(metrics=("pixel_removal",),
                                                       methods=("ours",)),
                                     trained, mode="evaluate")
-  assert [os.path.basename(p) for p in result["figures"]] == ["pixel_removal.png"]
-  assert set(result) == {"step", "pixel_removal/ours", "figures"}
+  assert [os.path.basename(p) for p in result.figures] == ["pixel_removal.png"]
+  assert set(result.summary()) == {"step", "pixel_removal/ours"}
 
 
 # ------------------------------------------- results that cannot be trusted
@@ -171,7 +170,7 @@ def warnings_of(caplog):
 
 
 def headlines(result):
-  return {k: v for k, v in result.items() if k != "figures"}
+  return result.summary()  # The step and the scores.
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +207,7 @@ def test_a_changed_model_recomputes_every_result(evaluated, tmp_path, monkeypatc
   for key, got in scores_of(workdir).items():
     np.testing.assert_array_equal(got, want[key], err_msg=str(key))
   # The removal curves do change with the temperature (localisation need not).
-  assert changed["pixel_removal/ours"] != evaluated[1]["pixel_removal/ours"]
+  assert changed.metrics["pixel_removal/ours"] != evaluated[1].metrics["pixel_removal/ours"]
 
 
 def test_missing_or_damaged_files_are_recomputed(evaluated, tmp_path, monkeypatch, caplog):
@@ -247,7 +246,7 @@ def test_missing_or_damaged_files_are_recomputed(evaluated, tmp_path, monkeypatc
   for metric in config_lib.METRICS:  # Done again: the files agree with the line.
     line = stored(workdir, metric, "ixg")
     record = {k: line[k] for k in ("checkpoint", "model", "data", "settings")}
-    done, why = evaluation.stored_result(out, metric, "ixg", record)
+    done, why = result_store.stored_result(out, metric, "ixg", record)
     assert why is None and done.line["files"]["ixg.npy"]["count"] == done.scores.size
 
 
@@ -265,7 +264,7 @@ def test_a_stop_request_ends_after_the_result_in_flight(evaluated, tmp_path, mon
       stops.append("SIGTERM")
     return original(method, *args, **kw)
   monkeypatch.setattr(attribution, "attribute", attribute)
-  run = train.setup(digits_evaluation(methods=TWO), workdir, "evaluate")
+  run = train.setup(digits_evaluation(methods=TWO), workdir)
   try:
     result = evaluation.evaluate(run.model, {"params": run.state.params}, run.config,
                                        run.info, run.start, out, run.batch_sharding,
@@ -300,18 +299,17 @@ def test_class_sorted_test_images_are_shuffled(tmp_path):
   config = image_folder_config.get_config("tiny")
   config.update(data_dir=str(tmp_path), image_size=8)
   config.evaluation.num_images = 6
-  info = input_pipeline.get_info(config)
   assert config_lib.image_order(config) == "shuffled"
-  images, labels = evaluation.evaluation_images(config, info)
+  images, labels = evaluation.evaluation_images(config)
   assert set(labels[:6]) == {0, 1, 2, 3}  # The first num_images cover every class.
   assert sorted(labels) == [0] * 6 + [1] * 6 + [2] * 6 + [3] * 6  # The whole split ...
-  again = evaluation.evaluation_images(config, info)  # ... in a seeded order.
+  again = evaluation.evaluation_images(config)  # ... in a seeded order.
   np.testing.assert_array_equal(again[1], labels)
   np.testing.assert_array_equal(again[0], images)
-  assert evaluation.data_record(config)["image_seed"] == 42
+  assert result_store.data_record(config)["image_seed"] == 42
   config.evaluation.image_order = "dataset"  # As read: one class after another.
-  np.testing.assert_array_equal(evaluation.evaluation_images(config, info)[1][:6], [0] * 6)
-  assert evaluation.data_record(config)["image_seed"] is None
+  np.testing.assert_array_equal(evaluation.evaluation_images(config)[1][:6], [0] * 6)
+  assert result_store.data_record(config)["image_seed"] is None
 
 
 def test_summary_holds_the_bootstrap_intervals_and_paired_differences(evaluated):

@@ -184,18 +184,17 @@ def test_first_test_examples_in_a_seeded_order(toy_dir):
   """seed=None: the data set's order; a seed: the first n of a seeded permutation
   of the whole test split (codajax_toy's pixels are the example ids)."""
   config = toy_config(toy_dir)
-  info = input_pipeline.get_info(config)
 
   def ids(images):
     return list(np.round(images[:, 0, 0, 0] * 255).astype(int))
-  read = ids(input_pipeline.first_test_examples(config, info)[0])
+  read = ids(input_pipeline.first_test_examples(config)[0])
   assert sorted(read) == list(TOY_TEST)
-  assert ids(input_pipeline.first_test_examples(config, info, 5)[0]) == read[:5]
+  assert ids(input_pipeline.first_test_examples(config, 5)[0]) == read[:5]
   want = [read[k] for k in np.random.RandomState(7).permutation(len(read))]
   assert want[:5] != read[:5]
-  images, labels = input_pipeline.first_test_examples(config, info, 5, seed=7)
+  images, labels = input_pipeline.first_test_examples(config, 5, seed=7)
   assert ids(images) == want[:5] and list(labels) == [i % 3 for i in want[:5]]
-  assert ids(input_pipeline.first_test_examples(config, info, seed=7)[0]) == want
+  assert ids(input_pipeline.first_test_examples(config, seed=7)[0]) == want
 
 
 @pytest.mark.parametrize("source", ["digits", "tfds"])
@@ -341,8 +340,10 @@ def test_missing_tfds_data_names_the_prepare_command(tmp_path):
 
 
 def test_bad_dataset_and_class_count_are_rejected():
-  with pytest.raises(ValueError, match="not one of"):
-    input_pipeline.get_info(digits(dataset="mnist"))
+  # The data set's name is checked once, by config_lib.validate (train.setup and
+  # config_lib.load_config call it).
+  with pytest.raises(config_lib.ConfigError, match="use 'tfds:<name>' or one of"):
+    config_lib.validate(digits(dataset="mnist"))
   with pytest.raises(ValueError, match="num_classes=7.*10 classes"):
     input_pipeline.get_info(digits(num_classes=7))
 

@@ -151,12 +151,26 @@ def test_help_exits_0(module):
   assert "--help" in out.stdout, out.stdout[-2000:]  # absl: "Try --helpfull ..."
 
 
+def test_the_mode_flag_takes_the_modes_and_the_old_name(tmp_path):
+  """Issue 19, item 5: --mode's choices come from codajax.modes, the one list
+  that codajax.train runs; a name outside it is one line before any import."""
+  from codajax import modes  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, XLA_FLAGS="", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
+  out = subprocess.run([sys.executable, "-m", "codajax.main", "--helpfull"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=120)
+  assert f"<{'|'.join([*modes.MODES, *modes.ALIASES])}>" in out.stdout, out.stdout[-3000:]
+  assert "accuracy" in modes.MODES and modes.ALIASES == {"eval": "accuracy"}
+  lines = run_cli(tmp_path, "--mode=predict")
+  assert len(lines) == 1 and lines[0].startswith(
+      "codajax: IllegalFlagValueError: flag --mode=predict: value should be one of"), lines
+
+
 @pytest.mark.parametrize("extra", ["torch", "video", "lime"])
 def test_install_hints_work_from_a_clone(extra):
   """The hints name setup.py's extras and commands that run in a clone: pip
   resolves the printed install (a dry run: what the tests installed suffices)."""
-  from codajax import config_lib  # pylint: disable=g-import-not-at-top
-  hint = config_lib.install_hint(extra)
+  from codajax import cli  # pylint: disable=g-import-not-at-top
+  hint = cli.install_hint(extra)
   assert hint.startswith(f"bash launch/setup.sh {extra} ")
   assert f".venv/bin/pip install -e '.[{extra}]'" in hint
   with open(os.path.join(ROOT, "setup.py")) as f:

@@ -12,9 +12,13 @@ import numpy as np
 import pytest
 
 from codajax import architectures
-from codajax import metrics
+from codajax import config_lib
 from codajax import explain
+from codajax import metrics
 from codajax import models
+
+# The removal settings of the evaluation's config (the authors'), less `points`.
+AUTHORS_REMOVAL = {k: config_lib.evaluation_config()[k] for k in ("fraction", "order", "fill")}
 
 
 # ----------------------------------------------------------------------------
@@ -22,9 +26,24 @@ from codajax import models
 # ----------------------------------------------------------------------------
 
 
+def cell_slices(k: int, n: int, height: int, width: int) -> tuple[slice, slice]:
+  """Rows and columns of cell k in an (n*height, n*width) grid: row k % n, column k // n."""
+  row, col = k % n, k // n
+  return slice(row * height, (row + 1) * height), slice(col * width, (col + 1) * width)
+
+
+def untile(grid, n: int):
+  """The inverse of `metrics.tile`: (..., n*H, n*W, C) -> (..., n*n, H, W, C)."""
+  *lead, gh, gw, c = grid.shape
+  h, w, b = gh // n, gw // n, len(lead)
+  x = grid.reshape(*lead, n, h, n, w, c)                      # (..., a2, H, a1, W, C)
+  x = x.transpose(*range(b), b + 2, b, b + 1, b + 3, b + 4)   # (..., a1, a2, H, W, C)
+  return x.reshape(*lead, n * n, h, w, c)
+
+
 def _cell_mask(k, n, h, w):
   mask = np.zeros((n * h, n * w), bool)
-  mask[metrics.cell_slices(k, n, h, w)] = True
+  mask[cell_slices(k, n, h, w)] = True
   return mask
 
 
@@ -121,10 +140,10 @@ def test_tile_is_column_major_and_untile_inverts_it(n):
       -1, c, n * h, n * w)
   np.testing.assert_array_equal(grid, original.transpose(0, 2, 3, 1))
   for k in range(n * n):
-    rows, cols = metrics.cell_slices(k, n, h, w)
+    rows, cols = cell_slices(k, n, h, w)
     assert (rows.start, cols.start) == ((k % n) * h, (k // n) * w)
     np.testing.assert_array_equal(grid[:, rows, cols], images[:, k])
-  np.testing.assert_array_equal(metrics.untile(grid, n), images)
+  np.testing.assert_array_equal(untile(grid, n), images)
 
 
 # ----------------------------------------------------------------------------
@@ -296,7 +315,7 @@ def test_removed_pixels_contribute_nothing_and_the_curve_is_the_masked_logit(per
   targets = np.array([2, 7, 0])
   maps = _contribution_maps(model, variables, x, targets[:, None])[:, 0]
   curves = metrics.pixel_removal_curves(model, variables, x, maps, targets, points=8,
-                                           batch_size=7)
+                                        batch_size=7, **AUTHORS_REMOVAL)
   counts = metrics.removal_schedule(8, 8, points=8)
   np.testing.assert_array_equal(counts, np.arange(0, 17, 2))
   chex.assert_shape(curves, (3, 9))
@@ -334,7 +353,7 @@ def test_black_fill_and_most_order_change_the_curve(perturbed_init):
   targets = np.array([1, 4])
   maps = _contribution_maps(model, variables, x, targets[:, None])[:, 0]
   run = functools.partial(metrics.pixel_removal_curves, model, variables, x, maps,
-                          targets, points=8)
+                          targets, points=8, **AUTHORS_REMOVAL)
   least, black, most = run(), run(fill="black"), run(order="most")
   for other in (black, most):
     np.testing.assert_array_equal(other[:, 0], least[:, 0])
@@ -353,10 +372,11 @@ def test_pixel_removal_rejects_unsummed_maps_and_unknown_fill(perturbed_init):
   variables = perturbed_init(model, (1, 8, 8, 3))
   x = np.zeros((2, 8, 8, 3), np.float32)
   with pytest.raises(ValueError, match=r"maps must be \(N, H, W\)"):
-    metrics.pixel_removal_curves(model, variables, x, np.zeros((2, 1, 8, 8)), [0, 1])
+    metrics.pixel_removal_curves(model, variables, x, np.zeros((2, 1, 8, 8)), [0, 1],
+                                 points=8, **AUTHORS_REMOVAL)
   with pytest.raises(ValueError, match="fill must be one of"):
     metrics.pixel_removal_curves(model, variables, x, np.zeros((2, 8, 8)), [0, 1],
-                                    fill="gray")
+                                 points=8, **{**AUTHORS_REMOVAL, "fill": "gray"})
 
 
 # ----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ checks."""
 import functools
 import inspect
 import math
+import re
 
 import chex
 import jax
@@ -13,10 +14,11 @@ import ml_collections
 import numpy as np
 import pytest
 
+from codajax import architectures
 from codajax import dau
 from codajax import models
 
-NORMS = ("squash", "l2")
+NORMS = architectures.NORMS
 # (impl, contraction) of every implementation.
 IMPLS = (("fused", "conv"), ("fused", "dot"), ("materialized", "auto"))
 
@@ -270,7 +272,7 @@ def test_from_config_matches_constructor():
 
 def test_from_config_defaults_and_presets():
   preset = models.cifar10_9l_s()
-  cfg = {f: getattr(preset, f) for f in models.CONFIG_FIELDS[:5]}
+  cfg = {f: getattr(preset, f) for f in architectures.LAYER_FIELDS}
   cfg["temperature"] = 1000.0
   assert models.from_config(ml_collections.ConfigDict(cfg)) == preset
 
@@ -289,7 +291,7 @@ def test_from_config_impl_contraction_and_remat():
 
 
 def test_from_config_rejects_unknown_and_missing_fields():
-  cfg = {f: getattr(models.tiny(), f) for f in models.CONFIG_FIELDS[:5]}
+  cfg = {f: getattr(models.tiny(), f) for f in architectures.LAYER_FIELDS}
   with pytest.raises(ValueError, match="unknown fields.*depth"):
     models.from_config({**cfg, "depth": 3})
   del cfg["ranks"]
@@ -348,12 +350,35 @@ def test_mismatched_layer_lengths_raise(field):
   kw = dict(out_channels=(4, 3), ranks=(2, 2), kernel_sizes=(3, 1),
             strides=(1, 1), paddings=(1, 0))
   kw[field] = kw[field] + (1,)
-  with pytest.raises(ValueError, match=f"2 layers .*{field}"):
+  with pytest.raises(ValueError, match=f"{field}=.*: has 3 entries but out_channels has 2"):
     variable_shapes(models.CoDANet(**kw), (1, 8, 8, 3))
 
 
+@pytest.mark.parametrize("field, bad", [
+    ("norm", "l1"), ("impl", "fast"), ("contraction", "fft"), ("dtype", "float16"),
+    ("temperature", 0.0), ("ranks", (4, 0, 4)), ("paddings", (3, 1, 0)),
+    ("out_channels", (8, 8, -1))])
+def test_config_and_model_reject_a_field_by_one_rule(field, bad):
+  """architectures.model_problems is the one check: config_lib.validate and
+  CoDANet report the same rule (a config's last out_channels may be -1, to be
+  set from the data; a model's may not)."""
+  from codajax import config_lib  # pylint: disable=g-import-not-at-top
+  fields = {**architectures.tiny(4), **architectures.MODEL_DEFAULTS, field: bad}
+  rule = dict(architectures.model_problems(fields))[field]
+  with pytest.raises(ValueError, match=re.escape(f"CoDANet: {field}={bad!r}: {rule}")):
+    variable_shapes(models.from_config(fields), (1, 8, 8, 3))
+  config = config_lib.base_config()
+  config.model[field] = bad
+  problems = str(pytest.raises(config_lib.ConfigError, config_lib.validate, config).value)
+  config_rules = dict(architectures.model_problems(config.model, last_from_data=True))
+  if field == "out_channels":
+    assert field not in config_rules and f"config.model.{field}" not in problems
+  else:
+    assert f"config.model.{field}={bad!r}: {rule}" in problems
+
+
 def test_bad_norm_raises():
-  with pytest.raises(ValueError, match="norm must be one of"):
+  with pytest.raises(ValueError, match=r"norm='l1': use one of \('squash', 'l2'\)"):
     variable_shapes(models.tiny(norm="l1"), (1, 8, 8, 3))
 
 

@@ -55,6 +55,24 @@ def test_notebook_is_committed_without_outputs(path):
   assert reading == [0], f"{path.name}: the first code cell alone must read {SMOKE_ENV}"
 
 
+@pytest.mark.parametrize("spec", ["configs/digits.py", "configs/cifar10.py:9L-S-CoDA-SQ-1000"])
+def test_load_config_reads_a_spec_as_the_config_flag_does(spec, tmp_path, monkeypatch):
+  # The notebooks' config loader: what `--config=<spec>` of codajax.main gives,
+  # locked, and found through `root` from another working directory.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from codajax import config_lib  # pylint: disable=g-import-not-at-top
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=fv)
+  monkeypatch.chdir(REPO)
+  fv(["notebook", f"--config={spec}"])
+  monkeypatch.chdir(tmp_path)
+  config = config_lib.load_config(spec, root=str(REPO))
+  assert config.to_dict() == fv.config.to_dict() and config.is_locked
+  with pytest.raises(config_lib.ConfigError, match="no such config file"):
+    config_lib.load_config(spec)  # Not in this working directory.
+
+
 @pytest.fixture(scope="module")
 def smoke_dir(tmp_path_factory):
   """A directory with <name>.pt of random-init 9L-S nets, as the authors' files."""

@@ -8,8 +8,8 @@ import pytest
 
 from codajax import bootstrap
 from codajax import metrics
-from codajax import evaluation
 from codajax import reproduce
+from codajax import result_store
 
 # Per method, the mean localisation score its fake grids are drawn around.
 LEVELS = {"ours": 0.6, "occ9": 0.6, "gradcam": 0.4, "grad": 0.15, "ixg": 0.15}
@@ -29,10 +29,10 @@ def fake_run(root, t, levels, grids=60, images=40, curve=(0.5, 0.80, 0.85, 0.851
   for m, level in levels.items():
     scores = np.clip(level + difficulty + rng.normal(0, 0.02, (grids, 9)), 0, 1)
     g = grids // 2 if m == "occ9" else grids  # Fewer grids: paired on the first ones.
-    evaluation._write(out, "localisation", m, evaluation.Stored(
+    result_store.write(out, "localisation", m, result_store.Stored(
         {"headline": float(scores[:g].mean())}, scores[:g], np.zeros((1, 9, 6, 6))))
     curves = np.clip(level + rng.normal(0, 0.05, (images, 5)), 0, 1)
-    evaluation._write(out, "pixel_removal", m, evaluation.Stored(
+    result_store.write(out, "pixel_removal", m, result_store.Stored(
         {"headline": float(curves[:, -1].mean()), "fraction": 0.25}, curves, None))
   return workdir
 

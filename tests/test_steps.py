@@ -16,8 +16,8 @@ import optax
 import pytest
 
 from codajax import architectures
+from codajax import batching
 from codajax import config_lib
-from codajax import input_pipeline
 from codajax import models
 from codajax import steps
 from configs import cifar10 as cifar10_config
@@ -88,7 +88,7 @@ def test_sharded_training_matches_one_device(matrix_reg_lambda):
                      out_shardings=(replicated, replicated), donate_argnums=0)
     losses = []
     for batch in batches:
-      batch = input_pipeline.to_global(batch, data)
+      batch = batching.to_mesh(batch, data)
       assert batch["image"].sharding.num_devices == len(devices)
       state, metrics = p_step(state, batch)
       losses.append(float(metrics["train/loss"]))

@@ -9,6 +9,7 @@ fail on a wrong data order, RNG, reduction or optimizer count.
 
 import asyncio
 import contextlib
+import dataclasses
 import glob
 import json
 import logging
@@ -35,6 +36,7 @@ from codajax import checkpoint
 from codajax import config_lib
 from codajax import input_pipeline
 from codajax import models
+from codajax import modes
 from codajax import train
 from codajax import workdir as workdir_lib
 from configs import cifar10 as cifar10_config
@@ -188,7 +190,7 @@ def subprocess_env(num_devices, cache_dir):
 
 
 def test_cifar10_mock_trains_resumes_and_evaluates(tmp_path):
-  """cifar10:tiny on 20 mocked examples: logs, checkpoint, resume, --mode eval.
+  """cifar10:tiny on 20 mocked examples: logs, checkpoint, resume, --mode accuracy.
 
   20 test examples in eval batches of 16: the second batch is 12/16 padding.
   """
@@ -199,7 +201,7 @@ def test_cifar10_mock_trains_resumes_and_evaluates(tmp_path):
                 log_every_steps=2, eval_every_steps=4, checkpoint_every_steps=4)
   with mock_tfds("cifar10", 20, tmp_path / "metadata"):
     first = train.train_and_evaluate(config, workdir)
-    assert first["eval/count"] == 20
+    assert first.metrics["eval/count"] == 20
     assert os.path.exists(os.path.join(workdir, "config.json"))
     with open(os.path.join(workdir, "config.json")) as f:
       saved = json.load(f)
@@ -217,12 +219,12 @@ def test_cifar10_mock_trains_resumes_and_evaluates(tmp_path):
     assert train_steps(workdir) == [2, 4, 6, 8]
     assert checkpoint_steps(workdir) == [4, 8]
 
-    evaluated = train.train_and_evaluate(config, workdir, mode="eval")
-  assert evaluated["step"] == 8 and evaluated["eval/count"] == 20
-  assert 0.0 <= evaluated["eval/top1"] <= evaluated["eval/top5"] <= 1.0
+    evaluated = train.train_and_evaluate(config, workdir, mode="accuracy")
+  assert evaluated.step == 8 and evaluated.metrics["eval/count"] == 20
+  assert 0.0 <= evaluated.metrics["eval/top1"] <= evaluated.metrics["eval/top5"] <= 1.0
   # The restored parameters are those evaluated at the end of training.
   for key in ("eval/top1", "eval/top5", "eval/loss"):
-    np.testing.assert_allclose(evaluated[key], resumed[key], rtol=1e-6)
+    np.testing.assert_allclose(evaluated.metrics[key], resumed.metrics[key], rtol=1e-6)
   assert records(workdir)[-1]["step"] == 8 and "eval/top5" in records(workdir)[-1]
 
 
@@ -234,10 +236,10 @@ def test_digits_trains_writes_figures_and_guards_its_checkpoint(tmp_path):
   result = train.train_and_evaluate(config, workdir,
                                     on_step=lambda *a: progress.append(a))
   assert progress == [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4)]
-  assert result["eval/count"] == DIGITS_TEST
+  assert result.metrics["eval/count"] == DIGITS_TEST and result.step is None
   assert checkpoint_steps(workdir) == [2, 4]
   assert [r["step"] for r in records(workdir) if "eval/top1" in r] == [2, 4]
-  figures = result["figures"]
+  figures = result.figures
   assert sorted(map(os.path.basename, figures)) == ["contribution_maps.png", "linear_maps.png"]
   for path in figures:
     assert os.path.dirname(path) == os.path.join(workdir, "explanations")
@@ -247,8 +249,8 @@ def test_digits_trains_writes_figures_and_guards_its_checkpoint(tmp_path):
 
   # --mode=explain redraws the figures from the latest checkpoint.
   explained = train.train_and_evaluate(config, workdir, mode="explain")
-  assert list(explained) == ["step", "figures"] and explained["step"] == 4
-  assert sorted(map(os.path.basename, explained["figures"])) == sorted(
+  assert explained.metrics == {} and explained.step == 4 and explained.preempted is None
+  assert sorted(map(os.path.basename, explained.figures)) == sorted(
       map(os.path.basename, figures))
 
   # A checkpoint of another architecture is refused, naming what differs.
@@ -256,7 +258,7 @@ def test_digits_trains_writes_figures_and_guards_its_checkpoint(tmp_path):
   rank = other.model.ranks[0]
   other.model.ranks = (rank + 1,) + tuple(other.model.ranks[1:])
   with pytest.raises(checkpoint.CheckpointError) as e:
-    train.train_and_evaluate(other, workdir, mode="eval")
+    train.train_and_evaluate(other, workdir, mode="accuracy")
   assert "does not match the model (2 parameters differ)" in str(e.value)
   assert f"['layer_0']['A']: checkpoint ({rank}, " in str(e.value)
   assert f"vs model ({rank + 1}, " in str(e.value)
@@ -280,7 +282,7 @@ def test_unprepared_tfds_data_fails_fast_naming_the_prepare_command(tmp_path):
 
 def test_a_pretrained_workdir_is_evaluated_and_explained_with_its_config(tmp_path):
   """`python -m codajax.pretrained NAME --workdir W` makes a workdir that
-  --mode eval and --mode explain take with the config MODELS[NAME].config."""
+  --mode accuracy and --mode explain take with the config MODELS[NAME].config."""
   import torch  # pylint: disable=g-import-not-at-top  # CI installs it (launch/test.sh).
   from codajax import convert, pretrained  # pylint: disable=g-import-not-at-top
   name = "9L-S-CoDA-SQ-1000"
@@ -295,10 +297,10 @@ def test_a_pretrained_workdir_is_evaluated_and_explained_with_its_config(tmp_pat
                                   url=path.as_uri())
   config.update(eval_batch_size=16, num_steps=1)
   with mock_tfds("cifar10", 20, tmp_path / "metadata"):
-    evaluated = train.train_and_evaluate(config, workdir, mode="eval")
+    evaluated = train.train_and_evaluate(config, workdir, mode="accuracy")
     explained = train.train_and_evaluate(config, workdir, mode="explain")
-  assert evaluated["step"] == 0 and evaluated["eval/count"] == 20
-  assert sorted(map(os.path.basename, explained["figures"])) == [
+  assert evaluated.step == 0 and evaluated.metrics["eval/count"] == 20
+  assert sorted(map(os.path.basename, explained.figures)) == [
       "contribution_maps.png", "linear_maps.png"]
 
 
@@ -309,12 +311,12 @@ def test_imported_weights_are_evaluated_and_fine_tuned(tmp_path):
   model = models.from_config(config.model)
   params = model.init(jax.random.key(7), jnp.zeros((1, 16, 16, 1)))["params"]
   checkpoint.save_imported(workdir, params, {"source": "test", "model": config.model.to_dict()})
-  evaluated = train.train_and_evaluate(config, workdir, mode="eval")
-  assert evaluated["step"] == 0 and evaluated["eval/count"] == DIGITS_TEST
+  evaluated = train.train_and_evaluate(config, workdir, mode="accuracy")
+  assert evaluated.step == 0 and evaluated.metrics["eval/count"] == DIGITS_TEST
   assert records(workdir)[-1]["step"] == 0
   trained = train.train_and_evaluate(config, workdir)  # Fine-tunes from step 0.
   assert train_steps(workdir) == [1] and checkpoint_steps(workdir) == [0, 1]
-  assert trained["eval/loss"] != evaluated["eval/loss"]
+  assert trained.metrics["eval/loss"] != evaluated.metrics["eval/loss"]
 
 
 def test_a_bad_mode_is_rejected_before_any_work(tmp_path, monkeypatch):
@@ -326,9 +328,18 @@ def test_a_bad_mode_is_rejected_before_any_work(tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / "run")
 
 
-def test_eval_without_a_checkpoint_is_a_clear_error(tmp_path):
-  with pytest.raises(checkpoint.CheckpointError, match="train first.*codajax.convert"):
+def test_accuracy_without_a_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(checkpoint.CheckpointError,
+                     match="--mode=accuracy needs a checkpoint.*train first.*codajax.convert"):
+    train.train_and_evaluate(digits(), str(tmp_path), mode="accuracy")
+
+
+def test_the_old_mode_eval_is_accuracy_with_a_one_line_notice(tmp_path, capsys):
+  """Issue 19, item 1: --mode eval became --mode accuracy; the old name works."""
+  with pytest.raises(checkpoint.CheckpointError, match="--mode=accuracy needs a checkpoint"):
     train.train_and_evaluate(digits(), str(tmp_path), mode="eval")
+  assert capsys.readouterr().err == "codajax: --mode eval is now --mode accuracy.\n"
+  assert set(train.MODES) == set(modes.MODES) and train.MODES["accuracy"] is train.accuracy_mode
 
 
 # ------------------------------------------------------------ equivalences
@@ -348,7 +359,8 @@ def test_resume_reaches_the_uninterrupted_parameters(tmp_path, monkeypatch):
   preempt_at(monkeypatch, 4)
   interrupted = train.train_and_evaluate(digits(num_steps=6), pieces)
   monkeypatch.undo()
-  assert "eval/top1" not in interrupted  # It stopped early, without evaluating.
+  assert "eval/top1" not in interrupted.metrics  # It stopped early, without evaluating.
+  assert interrupted.preempted.step == 4
   assert checkpoint_steps(pieces) == [2, 4]
   assert train_steps(pieces) == [1, 2, 3, 4]
   train.train_and_evaluate(digits(num_steps=6), pieces)
@@ -401,7 +413,7 @@ _WORKER = textwrap.dedent("""
     result = train.train_and_evaluate(config, workdir)
     print("RESULT", json.dumps({"process": jax.process_index(),
                                 "count": jax.process_count(),
-                                "devices": jax.device_count(), **result}))
+                                "devices": jax.device_count(), **result.metrics}))
     if int(num_processes) > 1:
       jax.distributed.shutdown()
 """)
@@ -498,7 +510,7 @@ def test_a_stop_signal_saves_exits_75_with_one_line_and_the_rerun_resumes(
   result = train.train_and_evaluate(digits(num_steps=stopped + 1), workdir)
   assert train_steps(workdir) == list(range(1, stopped + 2))
   assert checkpoint_steps(workdir) == [stopped, stopped + 1]
-  assert result["eval/count"] == DIGITS_TEST
+  assert result.metrics["eval/count"] == DIGITS_TEST
 
 
 def cli(workdir, *flags, stderr, mode="train", cache_dir):
@@ -572,7 +584,7 @@ def test_saved_is_said_once_committed_and_a_save_cut_short_is_removed(
   finally:
     logging.getLogger().removeHandler(watch)
   assert committed == [[2]]
-  assert result["preempted"]["kept"] == (
+  assert result.preempted.kept == (
       f"checkpoint of step 2 saved in {checkpoint.directory(workdir)}")
   monkeypatch.undo()
 
@@ -592,22 +604,21 @@ def test_every_mode_stops_at_its_next_safe_point(tmp_path):
   workdir = str(tmp_path / "run")
   config = digits(num_steps=2)
   config.evaluation.update(metrics=("pixel_removal",), methods=("ours",), num_images=8)
-  fresh = train.train_mode(train.setup(config, workdir), ["SIGTERM"])
-  assert fresh == {"figures": [], "preempted": {
-      "signal": "SIGTERM", "kept": "nothing was written", "step": None}}
+  fresh = train.train_mode(train.setup(config, workdir, training=True), ["SIGTERM"])
+  assert fresh == train.Result(preempted=train.Preempted("SIGTERM", "nothing was written"))
   assert not os.path.exists(workdir)  # No step was compiled nor run.
 
   train.train_and_evaluate(config, workdir)
   files, lines = sorted(os.listdir(workdir)), records(workdir)
   config.explain_at_end = True
   kept = {"train": f"the checkpoint of step 2 is kept in {checkpoint.directory(workdir)}",
-          "eval": "no metrics were written", "explain": "no figure was written",
+          "accuracy": "no metrics were written", "explain": "no figure was written",
           "evaluate": f"no result was finished in {workdir}/evaluation"}
   for mode, what in kept.items():
-    result = train.MODES[mode](train.setup(config, workdir, mode), ["SIGINT"])
-    assert result["preempted"]["signal"] == "SIGINT"
-    assert result["preempted"]["kept"] == what
-    assert result["figures"] == []
+    needs = dataclasses.asdict(modes.MODES[mode])
+    result = train.MODES[mode](train.setup(config, workdir, **needs), ["SIGINT"])
+    assert result.preempted == train.Preempted("SIGINT", what)
+    assert result.figures == [] and result.metrics == {}
   assert sorted(os.listdir(workdir)) == files  # No figure, no evaluation/.
   assert records(workdir) == lines
 
@@ -704,7 +715,7 @@ def test_non_finite_eval_logits_are_an_error_naming_the_step(tmp_path):
   with pytest.raises(FloatingPointError, match=(
       rf"Non-finite logits .* for {DIGITS_TEST} of {DIGITS_TEST} test examples at step 0 "
       rf"\(checkpoints in {checkpoint.directory(workdir)}\)")):
-    train.train_and_evaluate(config, workdir, mode="eval")
+    train.train_and_evaluate(config, workdir, mode="accuracy")
 
 
 def test_a_failing_final_evaluation_keeps_the_final_checkpoint(tmp_path, monkeypatch):
@@ -730,7 +741,7 @@ def test_training_past_an_unreadable_step_sets_it_aside_and_finishes(tmp_path):
     open(path, "wb").close()  # Truncated.
   os.makedirs(os.path.join(ckpts, "6"))
   result = train.train_and_evaluate(digits(num_steps=6, checkpoint_every_steps=2), workdir)
-  assert result["eval/count"] == DIGITS_TEST
+  assert result.metrics["eval/count"] == DIGITS_TEST
   assert checkpoint_steps(workdir) == [2, 4, 6]
   assert sorted(os.listdir(os.path.join(ckpts, "corrupt"))) == ["4", "6"]
   assert train_steps(workdir)[-4:] == [3, 4, 5, 6]  # Resumed from step 2.
@@ -772,7 +783,7 @@ def test_an_unwritable_workdir_is_one_line_before_any_work(tmp_path, monkeypatch
       train.train_and_evaluate(digits(num_steps=1), str(workdir), mode=mode)
 
 
-def test_eval_in_a_read_only_workdir_prints_and_writes_nothing(tmp_path, monkeypatch):
+def test_accuracy_in_a_read_only_workdir_prints_and_writes_nothing(tmp_path, monkeypatch):
   """It failed while creating the TensorBoard writer."""
   workdir = str(tmp_path)
   config = digits(num_steps=1)
@@ -780,9 +791,10 @@ def test_eval_in_a_read_only_workdir_prints_and_writes_nothing(tmp_path, monkeyp
   before = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(workdir, "**"),
                                                       recursive=True)}
   monkeypatch.setattr(workdir_lib, "_probe", lambda d: "Read-only file system")
-  evaluated = train.train_and_evaluate(config, workdir, mode="eval")
-  assert evaluated["step"] == 1
-  np.testing.assert_allclose(evaluated["eval/loss"], trained["eval/loss"], rtol=1e-6)
+  evaluated = train.train_and_evaluate(config, workdir, mode="accuracy")
+  assert evaluated.step == 1
+  np.testing.assert_allclose(evaluated.metrics["eval/loss"], trained.metrics["eval/loss"],
+                             rtol=1e-6)
   after = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(workdir, "**"),
                                                      recursive=True)}
   assert after == before  # No new file, nothing rewritten.
