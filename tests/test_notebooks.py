@@ -1,6 +1,7 @@
 """The Colab notebooks of notebooks/ run top to bottom in their smoke mode.
 
-Each notebook reads CODAJAX_NOTEBOOK_SMOKE: unset (Colab), it installs codajax
+Each notebook runs launch/notebook_setup.py, which reads CODAJAX_NOTEBOOK_SMOKE:
+unset (Colab), it installs codajax
 and uses tfds data, the authors' pretrained nets and the TPU; set to a
 directory, it runs offline on the CPU with tiny settings, loading the
 "pretrained" nets from file://<dir>/<name>.pt. Here those files hold
@@ -50,9 +51,25 @@ def test_notebook_is_committed_without_outputs(path):
            if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
   assert not dirty, f"{path.name}: cells {dirty} carry outputs or an execution_count; clear them"
   assert nb.cells[0].cell_type == "markdown"
-  # One parameters cell, near the top, reads the smoke switch.
-  reading = [i for i, c in enumerate(code) if SMOKE_ENV in c.source]
-  assert reading == [0], f"{path.name}: the first code cell alone must read {SMOKE_ENV}"
+  # The first code cell runs the one setup (which reads the smoke switch); no cell
+  # repeats what it does.
+  assert "%run -i" in code[0].source and "notebook_setup.py" in code[0].source
+  repeating = [i for i, c in enumerate(code) if SMOKE_ENV in c.source or "pip install" in c.source]
+  assert not repeating, f"{path.name}: cells {repeating} repeat launch/notebook_setup.py"
+
+
+def test_the_notebooks_share_no_setup_code():
+  """Each notebook's code cells, side by side: no six-line run (the
+  `duplicates` tool's threshold) is the same in two notebooks."""
+  runs = {}
+  for path in NOTEBOOKS:
+    nb = nbformat.read(path, as_version=4)
+    lines = [l.strip() for c in nb.cells if c.cell_type == "code"
+             for l in c.source.splitlines() if l.strip() and not l.strip().startswith("#")]
+    for i in range(len(lines) - 5):
+      runs.setdefault(tuple(lines[i:i + 6]), set()).add(path.name)
+  shared = {run: names for run, names in runs.items() if len(names) > 1}
+  assert not shared, f"repeated in notebooks: {next(iter(shared.items()))}"
 
 
 @pytest.mark.parametrize("spec", ["configs/digits.py", "configs/cifar10.py:9L-S-CoDA-SQ-1000"])
