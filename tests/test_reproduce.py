@@ -15,7 +15,8 @@ from codajax import result_store
 LEVELS = {"ours": 0.6, "occ9": 0.6, "gradcam": 0.4, "grad": 0.15, "ixg": 0.15}
 
 
-def fake_run(root, t, levels, grids=60, images=40, curve=(0.5, 0.80, 0.85, 0.851), seed=0):
+def fake_run(root, t, levels, grids=60, images=40, curve=(0.5, 0.80, 0.85, 0.851), seed=0,
+             removal=True):
   """A 6L-T<t> workdir as the reproduction leaves it: metrics.jsonl and stored results."""
   workdir = os.path.join(root, f"6L-T{t}")
   out = os.path.join(workdir, "evaluation")
@@ -32,8 +33,9 @@ def fake_run(root, t, levels, grids=60, images=40, curve=(0.5, 0.80, 0.85, 0.851
     result_store.write(out, "localisation", m, result_store.Stored(
         {"headline": float(scores[:g].mean())}, scores[:g], np.zeros((1, 9, 6, 6))))
     curves = np.clip(level + rng.normal(0, 0.05, (images, 5)), 0, 1)
-    result_store.write(out, "pixel_removal", m, result_store.Stored(
-        {"headline": float(curves[:, -1].mean()), "fraction": 0.25}, curves, None))
+    if removal:
+      result_store.write(out, "pixel_removal", m, result_store.Stored(
+          {"headline": float(curves[:, -1].mean()), "fraction": 0.25}, curves, None))
   return workdir
 
 
@@ -65,6 +67,23 @@ def test_verdicts_follow_the_paired_and_unpaired_intervals(tmp_path):
   # The plateau column: T = 100 gained 3 points after 80% of its steps.
   assert "| 10 | 85.1% | +0.10 points | 400 | yes |" in text
   assert "| 100 | 83.0% | +3.00 points | 400 | no |" in text
+
+
+def test_a_run_in_pieces_reports_what_is_done_and_compares_methods_at_t_1000(tmp_path):
+  """T = 1000 stays the method comparison when T = 10000 (the extra) is there;
+  a metric not run yet and a run not started are said, not guessed."""
+  root = str(tmp_path / "runs")
+  fake_run(root, 1000, {"ours": 0.6, "gradcam": 0.4}, removal=False)
+  fake_run(root, 10000, {"ours": 0.5, "gradcam": 0.4}, seed=4)
+  os.makedirs(os.path.join(root, "6L-T10"))  # Created, not trained yet.
+  text = reproduce.report(root, str(tmp_path / "docs"))
+  assert "Localisation at T = 1000 " in text and "Pixel removal at T = 1000" in text
+  assert "| not run yet | | | |" in text
+  assert "- Ours(T = 10000) > Ours(T = 1000) (beyond the paper's temperatures): " \
+         "**does not reproduce**" in text
+  assert "| 10 |" not in text.split("Localisation")[0]
+  assert os.path.exists(tmp_path / "docs" / "localisation.png")
+  assert not os.path.exists(tmp_path / "docs" / "pixel_removal.png")
 
 
 def test_a_damaged_result_is_named(tmp_path):
