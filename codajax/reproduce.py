@@ -130,10 +130,14 @@ def report(root: str, out: str, **opts) -> str:
            for t, v in loc.items()}
   lines = ["| T | test top-1 | gain in the last 20% of steps | steps | plateau |",
            "|---|---|---|---|---|"]
+  total = max((c[-1][0] for c in curves.values()), default=0)  # One schedule for every T.
   for t, curve in curves.items():
     gain = plateau_gain(curve)
+    done = "yes" if gain < PLATEAU_POINTS else "no"
+    if curve[-1][0] < total:  # Still training (or stopped): no plateau to judge yet.
+      done = f"training: step {curve[-1][0]} of {total}"
     lines.append(f"| {t} | {100 * curve[-1][1]:.1f}% | {gain:+.2f} points | {curve[-1][0]} | "
-                 f"{'yes' if gain < PLATEAU_POINTS else 'no'} |")
+                 f"{done} |")
   lines += ["", f"Localisation at T = {top} (3×3 grids; mean [95% CI] over grids):", "",
             "| method | grids | mean [95% CI] | Ours − method, paired [95% CI] | Ours higher "
             "| paper (CIFAR-10) |", "|---|---|---|---|---|---|"]

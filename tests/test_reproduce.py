@@ -74,7 +74,7 @@ def test_a_run_in_pieces_reports_what_is_done_and_compares_methods_at_t_1000(tmp
   a metric not run yet and a run not started are said, not guessed."""
   root = str(tmp_path / "runs")
   fake_run(root, 1000, {"ours": 0.6, "gradcam": 0.4}, removal=False)
-  fake_run(root, 10000, {"ours": 0.5, "gradcam": 0.4}, seed=4)
+  fake_run(root, 10000, {"ours": 0.5, "gradcam": 0.4}, seed=4, curve=(0.5, 0.6))
   os.makedirs(os.path.join(root, "6L-T10"))  # Created, not trained yet.
   text = reproduce.report(root, str(tmp_path / "docs"))
   assert "Localisation at T = 1000 " in text and "Pixel removal at T = 1000" in text
@@ -82,6 +82,7 @@ def test_a_run_in_pieces_reports_what_is_done_and_compares_methods_at_t_1000(tmp
   assert "- Ours(T = 10000) > Ours(T = 1000) (beyond the paper's temperatures): " \
          "**does not reproduce**" in text
   assert "| 10 |" not in text.split("Localisation")[0]
+  assert "| 10000 | 60.0% | +10.00 points | 200 | training: step 200 of 400 |" in text
   assert os.path.exists(tmp_path / "docs" / "localisation.png")
   assert not os.path.exists(tmp_path / "docs" / "pixel_removal.png")
 
