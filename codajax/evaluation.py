@@ -44,7 +44,6 @@ import os
 import time
 from typing import Any, NamedTuple, Optional, Sequence
 
-from clu import periodic_actions
 import jax
 import numpy as np
 
@@ -56,6 +55,7 @@ from codajax import metrics
 from codajax import input_pipeline
 from codajax import models
 from codajax import plotting
+from codajax import progress
 from codajax import result_store
 
 
@@ -94,23 +94,24 @@ def evaluate(model: models.CoDANet, variables, config, info, step: int, out_dir:
   data = _Data(model, variables, images, labels,
                _grids(model, variables, images, labels, e, sharding, step), sharding)
   jobs = [(metric, method) for metric in e.metrics for method in e.methods]
-  progress = _Progress(_units(data, e), jobs)
   results, kept = {}, {}
-  for metric, method in jobs:
-    if stops:  # After the result in flight: stop before the next one.
-      return _preempted(results, stops, kept)
-    record = result_store.result_record(config, metric, method, step, digest)
-    stored = result_store.cached(out_dir, metric, method, record)
-    if stored is None:
-      t = time.time()
-      stored = _computed(metric, method, data, e, record, progress.counting)
-      if primary:
-        result_store.write(out_dir, metric, method, stored)
-      logging.info("evaluate: %s of %s: %s %.4f (%.0f s).", metric, method, _headline(e, metric),
-                   stored.line["headline"], time.time() - t)
-    progress.job_done(metric)
-    results[f"{metric}/{method}"] = stored.line["headline"]
-    kept[metric, method] = stored
+  with _progress(jobs, data, e, out_dir) as tracker:
+    for metric, method in jobs:
+      if stops:  # After the result in flight: stop before the next one.
+        return _preempted(results, stops, kept)
+      record = result_store.result_record(config, metric, method, step, digest)
+      stored = result_store.cached(out_dir, metric, method, record)
+      if stored is None:
+        t = time.time()
+        tracker.started((metric, method))
+        stored = _computed(metric, method, data, e, record, tracker)
+        if primary:
+          result_store.write(out_dir, metric, method, stored)
+        logging.info("evaluate: %s of %s: %s %.4f (%.0f s).", metric, method,
+                     _headline(e, metric), stored.line["headline"], time.time() - t)
+      tracker.done((metric, method), computed=(metric, method) == tracker.current)
+      results[f"{metric}/{method}"] = stored.line["headline"]
+      kept[metric, method] = stored
   if stops:
     return _preempted(results, stops, kept)
   summary = uncertainty(kept, e)
@@ -125,13 +126,13 @@ SUMMARY = "summary.json"
 
 
 def _computed(metric: str, method: str, data: _Data, e, record: dict,
-              counting) -> result_store.Stored:
+              tracker: progress.Progress) -> result_store.Stored:
   """One result of `method` under `metric` (`_EVALUATORS`): its scores, its
-  (localisation) maps and its JSON line, not yet written. `counting` wraps
-  the attribute_fn to report progress."""
+  (localisation) maps and its JSON line, not yet written; its units done
+  go to `tracker`."""
   t = time.time()
-  scores, headline, summary, maps = _EVALUATORS[metric](counting(_attribute_fn(method, data, e)),
-                                                        data, e)
+  scores, headline, summary, maps = _EVALUATORS[metric](_attribute_fn(method, data, e), data, e,
+                                                        tracker)
   line = {"metric": metric, "method": method, "step": record["checkpoint"]["step"],
           "headline": headline, **summary, **record, "seconds": round(time.time() - t, 1)}
   return result_store.Stored(line, scores, maps)
@@ -146,11 +147,12 @@ def _attribute_fn(method: str, data: _Data, e):
                                                  sharding=data.sharding)
 
 
-def _localisation(attribute_fn, data: _Data, e) -> tuple:
+def _localisation(attribute_fn, data: _Data, e, tracker: progress.Progress) -> tuple:
   """(scores (grids, n*n), headline, summary, the maps of the first
   num_comparison grids, which the comparison figure shows)."""
   first = []
 
+  @tracker.counting
   def keeping_first(x, classes):
     maps = attribute_fn(x, classes)
     if not first:
@@ -163,7 +165,7 @@ def _localisation(attribute_fn, data: _Data, e) -> tuple:
   return scores, summary["mean"], summary, first[0][:e.num_comparison]
 
 
-def _pixel_removal(attribute_fn, data: _Data, e) -> tuple:
+def _pixel_removal(attribute_fn, data: _Data, e, tracker: progress.Progress) -> tuple:
   """(curves (images, points) of the first num_images test images, headline,
   summary, None: no maps are kept)."""
   n = _units(data, e)["pixel_removal"]
@@ -171,12 +173,13 @@ def _pixel_removal(attribute_fn, data: _Data, e) -> tuple:
   maps = attribute_fn(x, y[:, None])[:, 0]
   scores = metrics.pixel_removal_curves(data.model, data.variables, x, maps, y,
                                         fraction=e.fraction, points=e.points, order=e.order,
-                                        fill=e.fill)
+                                        fill=e.fill, on_images=tracker.reached)
   summary = metrics.curve_summary(scores, e.fraction)
   return scores, summary["last"], summary, None
 
 
-# One evaluator per metric: (attribute_fn, data, e) -> (scores, headline, summary, maps).
+# One evaluator per metric: (attribute_fn, data, e, tracker) -> (scores, headline, summary,
+# maps); each reports its units done to the tracker (`progress.Progress`).
 _EVALUATORS = {"localisation": _localisation, "pixel_removal": _pixel_removal}
 
 
@@ -186,29 +189,14 @@ def _units(data: _Data, e) -> dict:
           "pixel_removal": min(e.num_images, len(data.images))}
 
 
-class _Progress:
-  """Progress over all results of a run, in the metrics' units (`_units`)."""
-
-  def __init__(self, units: dict, jobs: Sequence[tuple]):
-    self.units, self.done, self.finished = units, 0, 0
-    self.report = periodic_actions.ReportProgress(
-        num_train_steps=sum(units[metric] for metric, _ in jobs), every_secs=30.0)
-
-  def counting(self, fn):
-    """fn(x, ...), reporting one unit per row of x after each call."""
-
-    def counted(x, *args):
-      out = fn(x, *args)
-      self.done += len(x)
-      self.report(self.done, time.time())
-      return out
-    return counted
-
-  def job_done(self, metric: str) -> None:
-    """A result is done (computed or stored): its metric's units, all of them."""
-    self.finished += self.units[metric]
-    self.done = self.finished
-    self.report(self.done, time.time())
+def _progress(jobs: list, data: _Data, e, out_dir: str) -> progress.Progress:
+  """The run's progress log, each result weighted by its cost (`codajax.progress`)."""
+  costs = {(metric, method): progress.unit_cost(metric, method, e.options[method].to_dict(),
+                                                data.images.shape[1], e.grid_size, e.points)
+           for metric, method in jobs}
+  measured = {job: s for job in jobs
+              if (s := progress.stored_seconds_per_unit(out_dir, *job, e.grid_size))}
+  return progress.Progress(jobs, _units(data, e), costs, measured)
 
 
 def _headline(e, metric: str) -> str:

@@ -23,7 +23,7 @@ functools.partial(attribution.attribute, "ours", model, variables).
 """
 
 import functools
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -252,8 +252,8 @@ def _removal_probs(model, variables, h, ranks, counts, targets, image, point, fi
 
 
 def pixel_removal_curves(model, variables, x, maps, targets, *, fraction: float,
-                         points: int, order: str, fill: str,
-                         batch_size: int = 256) -> np.ndarray:
+                         points: int, order: str, fill: str, batch_size: int = 256,
+                         on_images: Optional[Callable[[int], None]] = None) -> np.ndarray:
   """(N, P) sigmoid of the target logit after removing `removal_schedule` pixels.
 
   Args:
@@ -266,6 +266,8 @@ def pixel_removal_curves(model, variables, x, maps, targets, *, fraction: float,
     fill: "encoded_zero" (original) sets all 2C channels of [x, 1 - x] to 0, so a
       removed pixel contributes exactly 0; "black" sets the pixel to RGB 0, [0, 1].
     batch_size: masked images per forward; the last batch is padded.
+    on_images: called with the number of images whose curves are done, every
+      `_BATCHES_PER_REPORT` batches (progress; the batches are the same).
   The mean over images (axis 0) is the original's stored curve.
   """
   if fill not in FILLS:
@@ -282,10 +284,20 @@ def pixel_removal_curves(model, variables, x, maps, targets, *, fraction: float,
   # Every (image, point) pair is one masked forward; a batch takes batch_size
   # consecutive pairs, so one compile serves all of them.
   image, point = np.divmod(np.arange(x.shape[0] * len(counts)), len(counts))
-  probs = batching.map_batches(
-      functools.partial(_removal_probs, model, variables, h, ranks, jnp.asarray(counts),
-                        targets, fill=fill), image, point, batch_size=batch_size)
-  return probs.reshape(x.shape[0], len(counts))
+  fn = functools.partial(_removal_probs, model, variables, h, ranks, jnp.asarray(counts),
+                         targets, fill=fill)
+  # In segments of whole batches (the same batches as one call), fetched one
+  # segment at a time, so that progress can be reported in between.
+  segment, probs = batch_size * _BATCHES_PER_REPORT, []
+  for start in range(0, len(image), segment):
+    part = slice(start, start + segment)
+    probs.append(batching.map_batches(fn, image[part], point[part], batch_size=batch_size))
+    if on_images is not None:
+      on_images(min(start + segment, len(image)) // len(counts))
+  return np.concatenate(probs).reshape(x.shape[0], len(counts))
+
+
+_BATCHES_PER_REPORT = 16  # Removal batches between progress reports.
 
 
 # ----------------------------------------------------------------------------

@@ -367,6 +367,22 @@ def test_black_fill_and_most_order_change_the_curve(perturbed_init):
   np.testing.assert_allclose(black[:, -1], last[np.arange(2), targets], rtol=1e-5)
 
 
+def test_pixel_removal_reports_images_done_and_gives_the_same_curves(perturbed_init,
+                                                                    monkeypatch):
+  model = models.tiny(temperature=10.0)
+  variables = perturbed_init(model, (1, 8, 8, 3))
+  x = np.random.default_rng(2).uniform(size=(5, 8, 8, 3)).astype(np.float32)
+  targets = np.array([1, 4, 0, 2, 3])
+  maps = _contribution_maps(model, variables, x, targets[:, None])[:, 0]
+  run = functools.partial(metrics.pixel_removal_curves, model, variables, x, maps,
+                          targets, points=8, batch_size=4, **AUTHORS_REMOVAL)
+  whole = run()  # 5 images x 9 points = 45 pairs: 12 batches, one segment.
+  monkeypatch.setattr(metrics, "_BATCHES_PER_REPORT", 2)  # Segments of 8 pairs.
+  reports = []
+  np.testing.assert_array_equal(run(on_images=reports.append), whole)
+  assert reports == [0, 1, 2, 3, 4, 5] and whole.shape == (5, 9)  # 8, 16, ... of 45 pairs.
+
+
 def test_pixel_removal_rejects_unsummed_maps_and_unknown_fill(perturbed_init):
   model = models.tiny()
   variables = perturbed_init(model, (1, 8, 8, 3))
