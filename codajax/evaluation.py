@@ -17,6 +17,9 @@ metrics of codajax.attribution's methods), `evaluate` writes under `out_dir`:
   localisation.png         box plots per method, Oracle and Uniform lines
   pixel_removal.png        the mean curve of every method
   comparison.png           a few grids with every method's map side by side
+  done.json                written last: what summary.json and the figures
+                           were drawn from, so that a rerun with nothing to
+                           compute ends before start-up (codajax.evaluation_done)
 
 A (metric, method) is done, and skipped when the command runs again, only when
 its JSON line records the same dependencies and its .npy files agree with the
@@ -51,6 +54,7 @@ from codajax import attribution
 from codajax import batching
 from codajax import bootstrap
 from codajax import config_lib
+from codajax import evaluation_done
 from codajax import metrics
 from codajax import input_pipeline
 from codajax import models
@@ -108,7 +112,8 @@ def evaluate(model: models.CoDANet, variables, config, info, step: int, out_dir:
         if primary:
           result_store.write(out_dir, metric, method, stored)
         logging.info("evaluate: %s of %s: %s %.4f (%.0f s).", metric, method,
-                     _headline(e, metric), stored.line["headline"], time.time() - t)
+                     evaluation_done.headline_text(e, metric), stored.line["headline"],
+                     time.time() - t)
       tracker.done((metric, method), computed=(metric, method) == tracker.current)
       results[f"{metric}/{method}"] = stored.line["headline"]
       kept[metric, method] = stored
@@ -119,10 +124,12 @@ def evaluate(model: models.CoDANet, variables, config, info, step: int, out_dir:
     result_store.write_atomically(os.path.join(out_dir, SUMMARY),
                                   lambda f: f.write((json.dumps(summary, indent=1) + "\n").encode()))
   figures = _figures(out_dir, e, images, data.grids, info, kept, summary) if primary else []
+  if primary:  # Last: so a rerun can tell that nothing changed (codajax.evaluation_done).
+    evaluation_done.write_stamp(out_dir, e, jobs, figures)
   return {**results, "figures": figures}
 
 
-SUMMARY = "summary.json"
+SUMMARY = evaluation_done.SUMMARY
 
 
 def _computed(metric: str, method: str, data: _Data, e, record: dict,
@@ -199,41 +206,28 @@ def _progress(jobs: list, data: _Data, e, out_dir: str) -> progress.Progress:
   return progress.Progress(jobs, _units(data, e), costs, measured)
 
 
-def _headline(e, metric: str) -> str:
-  """What a metric's headline number is, for the log."""
-  if metric == "localisation":
-    return "mean share of the positive attribution in the target's cell"
-  return f"true-class probability with {e.fraction:.0%} of the pixels removed"
-
-
 def uncertainty(results: dict, e) -> dict:
   """evaluation/summary.json: for {(metric, method): Stored}, per metric and
   method the mean over its units (`metrics.unit_values`) with its 95%
   bootstrap CI, and, where "ours" was run, per other method the paired
   difference ours - method on the same units with its CI and the share of
-  units where ours is higher. Intervals need 2 units or more (else null)."""
+  units where ours is higher. Intervals need 2 units or more (else null).
+  Logged as `evaluation_done.log_summary` logs a stored one."""
   opts = dict(num_resamples=e.bootstrap_resamples, seed=e.bootstrap_seed)
   units = {key: metrics.unit_values(key[0], r.scores) for key, r in results.items()}
   out = {"bootstrap": dict(resamples=e.bootstrap_resamples, seed=e.bootstrap_seed,
                            confidence=bootstrap.CONFIDENCE, units=metrics.UNITS)}
   for (metric, method), v in units.items():
-    unit = metrics.UNITS[metric]
     ci = bootstrap.mean_interval(v, **opts).to_dict() if len(v) > 1 else {}
     out.setdefault(metric, {}).setdefault("methods", {})[method] = dict(
         {"mean": float(v.mean()), "low": None, "high": None}, **ci, n=len(v))
-    if ci:
-      logging.info("evaluate: %s of %s: %s %.4f [95%% CI %.4f, %.4f] over %d %s.", metric,
-                   method, _headline(e, metric), ci["mean"], ci["low"], ci["high"], len(v),
-                   unit)
     ours = units.get((metric, "ours"))
     if method == "ours" or ours is None or len(v) < 2:
       continue
     diff, share = bootstrap.paired_difference(ours, v, **opts)
     out[metric].setdefault("ours_minus", {})[method] = dict(
         diff.to_dict(), share_ours_higher=share, n=len(v))
-    logging.info("evaluate: %s, ours - %s: %+.4f [95%% CI %+.4f, %+.4f]; ours higher on "
-                 "%.0f%% of %d %s.", metric, method, diff.mean, diff.low, diff.high,
-                 100 * share, len(v), unit)
+  evaluation_done.log_summary(out, e)
   return out
 
 

@@ -10,9 +10,11 @@ and not computed again (`cached`), only when its line records the same
 dependencies and its files agree with the counts and digests the line
 records (`stored_result`); otherwise one line says what changed or which
 file is missing or damaged. `codajax.evaluation` computes the results;
-`codajax.reproduce` reads them back.
+`codajax.reproduce` reads them back, and `codajax.evaluation_done` before
+start-up: so this module imports no jax (nor TensorFlow).
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -20,7 +22,6 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from codajax import checkpoint
 from codajax import config_lib
 from codajax import workdir as workdir_lib
 
@@ -45,7 +46,10 @@ def params_digest(meta: Optional[dict], params=None) -> str:
   """The checkpoint's params digest: from its meta item (`codajax.checkpoint`),
   or computed from `params` for a checkpoint that records none."""
   digest = ((meta or {}).get("digest") or {}).get("params")
-  return digest or checkpoint.digest_of(params)
+  if digest:
+    return digest
+  from codajax import checkpoint  # pylint: disable=g-import-not-at-top  # jax: only here.
+  return checkpoint.digest_of(params)
 
 
 def result_record(config, metric: str, method: str, step: int, digest: str) -> dict:
@@ -136,7 +140,16 @@ def _load(path: str, want: Optional[dict]) -> tuple[Optional[np.ndarray], Option
 
 
 def _file_record(array: np.ndarray) -> dict:
-  return {"count": int(array.size), "sha256": checkpoint.digest_of(array)}
+  return {"count": int(array.size), "sha256": array_digest(array)}
+
+
+def array_digest(array: np.ndarray) -> str:
+  """`checkpoint.digest_of(array)` of one array, without jax: sha256 over its
+  (empty) tree path, dtype, shape and bytes."""
+  a = np.ascontiguousarray(array)
+  h = hashlib.sha256(f"|{a.dtype}|{a.shape}|".encode())
+  h.update(a.tobytes())
+  return h.hexdigest()
 
 
 def _brief(error: BaseException) -> str:

@@ -1,9 +1,12 @@
 """--mode evaluate end to end on the digits config (codajax.evaluation)."""
 
+import ast
 import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,25 +14,33 @@ import tensorflow as tf
 
 from codajax import attribution
 from codajax import bootstrap
+from codajax import checkpoint
 from codajax import config_lib
 from codajax import evaluation
+from codajax import evaluation_done
 from codajax import plotting
 from codajax import result_store
 from codajax import train
+from codajax import workdir as workdir_lib
 from configs import digits as digits_config
 from configs import image_folder as image_folder_config
 
 METHODS = ("ours", "ixg", "occ5")
 
 
+# configs/digits.py:tiny with these fields: a 40-step net, a small evaluation.
+TRAINING = dict(num_steps=40, batch_size=32, eval_batch_size=360, learning_rate=2e-3,
+                log_every_steps=40, eval_every_steps=40, checkpoint_every_steps=40,
+                explain_at_end=False)
+# conf_thresh 0: a 40-step model has few confident images.
+EVALUATION = dict(methods=METHODS, grid_size=2, num_grids=4, conf_thresh=0.0, num_images=8,
+                  points=8, batch_size=4, num_comparison=2)
+
+
 def digits_evaluation(**options):
   c = digits_config.get_config("tiny")
-  c.update(num_steps=40, batch_size=32, eval_batch_size=360, learning_rate=2e-3,
-           log_every_steps=40, eval_every_steps=40, checkpoint_every_steps=40,
-           explain_at_end=False)
-  # conf_thresh 0: a 40-step model has few confident images.
-  c.evaluation.update(methods=METHODS, grid_size=2, num_grids=4, conf_thresh=0.0,
-                      num_images=8, points=8, batch_size=4, num_comparison=2)
+  c.update(TRAINING)
+  c.evaluation.update(EVALUATION)
   c.evaluation.update(options)
   return c
 
@@ -341,3 +352,91 @@ def test_summary_holds_the_bootstrap_intervals_and_paired_differences(evaluated)
     assert summary[metric]["ours_minus"][method] == {
         "mean": pytest.approx(diff.mean), "low": pytest.approx(diff.low),
         "high": pytest.approx(diff.high), "share_ours_higher": share, "n": len(v)}
+
+
+# ------------------------------------------------ a rerun with nothing to do
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli_evaluate(workdir, **evaluation):
+  """`python -m codajax.main --mode evaluate` with digits_evaluation(**evaluation)."""
+  fields = {**TRAINING, **{f"evaluation.{k}": v for k, v in {**EVALUATION, **evaluation}.items()}}
+  argv = [sys.executable, "-m", "codajax.main", "--config=configs/digits.py:tiny",
+          f"--workdir={workdir}", "--mode=evaluate"]
+  argv += [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
+           for k, v in fields.items()]
+  env = dict(os.environ, XLA_FLAGS="", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
+  return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_rerun_with_nothing_to_compute_ends_before_start_up(evaluated, tmp_path):
+  """The CLI prints the full run's lines (its numbers, its figures) from the
+  stored results, without importing JAX (which logs "JAX process ...")."""
+  (workdir, result), copy = evaluated, str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  out = cli_evaluate(copy, methods=TWO)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.splitlines()
+  done = "codajax evaluate done: "
+  assert lines[0].startswith(done) and ast.literal_eval(lines[0][len(done):]) == headlines(result)
+  assert lines[3:] == [f"  figure: {p.replace(workdir, copy)}" for p in result.figures]
+  assert "every result is stored for the checkpoint of step 40" in out.stderr, out.stderr
+  assert "JAX process" not in out.stderr
+
+
+def test_a_rerun_computes_when_anything_it_reports_changed(evaluated, tmp_path):
+  """No stored number is reported for another checkpoint, config, setting,
+  summary or figure: evaluation_done.check says None, and the full run runs."""
+  (workdir, result), copy = evaluated, str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  out, ckpt = os.path.join(copy, "evaluation"), os.path.join(copy, "checkpoints")
+  check = lambda **options: evaluation_done.check(
+      digits_evaluation(**{"methods": TWO, **options}), copy)
+  done = check()
+  assert done.step == 40 and done.metrics == result.metrics
+  assert done.figures == [p.replace(workdir, copy) for p in result.figures]
+  changed = digits_evaluation(methods=TWO)
+  changed.model.temperature = 5.0
+  assert evaluation_done.check(changed, copy) is None
+  # A metric's setting; the summary's, a figure's, the methods (none in a result record).
+  for options in (dict(num_images=6), dict(bootstrap_resamples=500), dict(num_comparison=1),
+                  dict(methods=("ours",))):
+    assert check(**options) is None, options
+
+  def edit_meta(folder, **fields):
+    path = os.path.join(ckpt, str(folder), "meta", "metadata")
+    with open(path) as f:
+      meta = json.load(f)
+    with open(path, "w") as f:
+      json.dump({**meta, **fields}, f)
+    return meta
+  shutil.copytree(os.path.join(ckpt, "40"), os.path.join(ckpt, "80"))
+  edit_meta(80, step=80)  # A newer checkpoint: its results are not stored.
+  assert check() is None
+  shutil.rmtree(os.path.join(ckpt, "80"))
+  meta = edit_meta(40, digest={"params": "0" * 64})  # Other params at the same step.
+  assert check() is None
+  edit_meta(40, **meta)
+  for name in ("summary.json", "pixel_removal.png"):  # Written over or missing.
+    original = shutil.copy(os.path.join(out, name), str(tmp_path / name))
+    with open(os.path.join(out, name), "ab") as f:
+      f.write(b" ")
+    assert check() is None, name
+    os.remove(os.path.join(out, name))
+    assert check() is None, name
+    shutil.copy(original, os.path.join(out, name))
+  held = workdir_lib.Workdir(copy, ckpt)
+  held.open()  # Another run holds the workdir.
+  try:
+    assert check() is None
+  finally:
+    held.close()
+  assert check() == done  # Everything as it was.
+
+
+def test_result_files_are_digested_as_the_checkpoints_are():
+  for array in (np.arange(12, dtype=np.float32).reshape(3, 4), np.zeros((2, 0, 3)),
+                np.arange(10)[::3], np.float64(2.5)):
+    assert result_store.array_digest(array) == checkpoint.digest_of(array)
