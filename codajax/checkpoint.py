@@ -136,14 +136,23 @@ def _shapes(tree) -> dict:
   return {jax.tree_util.keystr(k): tuple(getattr(v, "shape", ())) for k, v in flat}
 
 
-def _check_compatible(mngr, step: int, abstract_params) -> None:
-  """Compares stored parameter shapes with the model's, before restoring."""
+def _check_compatible(mngr, step: int, abstract_params, abstract_opt_state=None) -> None:
+  """Compares stored parameter shapes with the model's, and the optimizer
+  state's arrays with the optimizer's, before restoring."""
   try:
-    stored = mngr.item_metadata(step)["params"]
+    metadata = mngr.item_metadata(step)
+    stored, stored_opt = metadata["params"], metadata.get("opt_state")
   except Exception:  # pylint: disable=broad-except
     return  # Metadata unreadable: the restore below reports the real problem.
   if stored is None:
     return
+  if stored_opt is not None and abstract_opt_state is not None and (
+      sorted(_shapes(stored_opt).values()) != sorted(_shapes(abstract_opt_state).values())):
+    raise CheckpointError(
+        f"The optimizer state at {mngr.directory}/{step} does not fit this config's "
+        "optimizer: config.freeze_layers, weight_decay or grad_accum_steps differ from "
+        "the run's. Resume with the run's settings (its config.json), or use a fresh "
+        "--workdir (--config.init_from=<this workdir> starts from its parameters).")
   got, want = _shapes(stored), _shapes(abstract_params)
   if got == want:
     return
@@ -171,7 +180,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_params, abstract_opt_state=Non
   steps = sorted(mngr.all_steps(), reverse=True)
   errors = []
   for step in steps:
-    _check_compatible(mngr, step, abstract_params)
+    _check_compatible(mngr, step, abstract_params, abstract_opt_state)
     try:
       meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
       items = dict(params=ocp.args.StandardRestore(abstract_params))
@@ -221,13 +230,41 @@ def load_params(workdir: str, model, example, sharding=None) -> tuple[int, Any, 
     CheckpointError: no checkpoint, none readable, or one that does not fit
       the model.
   """
-  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
   shapes = jax.eval_shape(model.init, jax.random.key(0), example)["params"]
-  abstract_params = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+  return _load_params(workdir, lambda _: shapes, sharding)
+
+
+def load_stored_params(workdir: str, sharding=None) -> tuple[int, Any, dict]:
+  """(step, params, meta) of the latest usable checkpoint of `workdir` in the
+  shapes that it stores, whatever model they fit: the parameters that a
+  fine-tuning run starts from (`codajax.finetune`). No optimizer state.
+
+  Raises:
+    CheckpointError: no such workdir, no checkpoint, or none readable.
+  """
+  if not os.path.isdir(directory(workdir)):
+    raise CheckpointError(f"{directory(workdir)} does not exist: there is no trained run "
+                          "in that workdir.")
+
+  def stored_shapes(mngr):
+    for step in sorted(mngr.all_steps(), reverse=True):
+      try:
+        return mngr.item_metadata(step)["params"]
+      except Exception:  # pylint: disable=broad-except
+        continue  # That step is unreadable: restore() skips it and says so.
+    return None
+  return _load_params(workdir, stored_shapes, sharding)
+
+
+def _load_params(workdir: str, shapes_of, sharding) -> tuple[int, Any, dict]:
+  """load_params and load_stored_params: `shapes_of(manager)` gives the params'
+  shapes and dtypes (None: no step to read them from)."""
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
   mngr = manager(workdir, asynchronous=False, keep_best=False)
   try:
-    restored = restore(mngr, abstract_params)
+    shapes = shapes_of(mngr)
+    restored = None if shapes is None else restore(mngr, jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes))
   finally:
     mngr.close()
   if restored is None:

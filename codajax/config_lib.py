@@ -20,6 +20,7 @@ import ml_collections
 
 from codajax import architectures
 from codajax import bootstrap
+from codajax import finetune_spec
 from codajax import methods
 
 TINY_ARGS = ("tiny", "runlocal")
@@ -110,6 +111,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_explain = 8           # Test images explained by --mode=explain and at the end.
   c.explain_at_end = False
   c.evaluation = evaluation_config()
+  # Fine-tuning (init_from, init_head, freeze_layers), class subsets (classes).
+  c.update(finetune_spec.FIELDS)  # Each is described in codajax/finetune_spec.py.
   return c.lock()
 
 
@@ -311,6 +314,8 @@ def validate(config) -> None:
        f"use 'tfds:<name>' or one of {LOCAL_DATASETS}.")
   _validate_model(config, need)
   _validate_evaluation(config, need)
+  for field, rule in finetune_spec.problems(config):
+    need(False, field, rule)
   if problems:
     raise ConfigError("\n".join(problems))
 

@@ -69,7 +69,8 @@ def _tfds_builder(config, prepared: bool = True):
 
 
 def _in_memory(config):  # (train, test, class_names): arrays or file lists (not tfds).
-  return local_data.load(config.dataset, config.data_dir, config.image_size)
+  data = local_data.load(config.dataset, config.data_dir, config.image_size)
+  return local_data.subset(data, config.get("classes", ""))  # A config.json from before it.
 
 
 def _subset_counts(builder, config):

@@ -4,6 +4,8 @@
   "idx"           MNIST-style IDX files in config.data_dir (e.g. Fashion-MNIST);
   "image_folder"  <data_dir>/{train,test}/<class>/*.{png,jpg,jpeg}, decoded
                   by tf.data; `undecodable` finds the files it cannot decode.
+
+`subset` keeps some classes of any of them (config.classes).
 """
 
 import functools
@@ -15,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from codajax import config_lib
+from codajax import finetune_spec
 
 
 class DataError(RuntimeError):
@@ -110,6 +113,28 @@ def load(dataset: str, data_dir: str, image_size: int):
   # "image_folder", the last of config_lib.LOCAL_DATASETS (validate admits no other).
   tr, te = _folder_files(data_dir, "train"), _folder_files(data_dir, "test")
   return tr[:2], te[:2], tr[2]
+
+
+def subset(data, spec: str):
+  """`data` (as `load` returns it) with only the classes of `spec`
+  (config.classes, e.g. "5-9"), relabelled 0..k-1 in the order given, and
+  their names; `data` itself when `spec` is ""."""
+  if not spec:
+    return data
+  *splits, names = data
+  keep = finetune_spec.parse_classes(spec)  # config_lib.validate checked the syntax.
+  if max(keep) >= len(names):
+    raise config_lib.ConfigError(
+        f"config.classes={spec!r}: label {max(keep)} is not a class of the data, which has "
+        f"{len(names)} (labels 0..{len(names) - 1}: {', '.join(names[:12])}"
+        f"{', ...' if len(names) > 12 else ''}); list labels below {len(names)}.")
+  new_label = np.full(len(names), -1, np.int64)
+  new_label[list(keep)] = np.arange(len(keep))
+  picked = []
+  for x, y in splits:
+    y = new_label[y]
+    picked.append((x[y >= 0], y[y >= 0]))
+  return (*picked, tuple(names[k] for k in keep))
 
 
 def undecodable(files) -> list:

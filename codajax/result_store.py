@@ -39,7 +39,10 @@ def data_record(config) -> dict:
           # The eval preprocessing reads resize_size only for augment="imagenet".
           "resize_size": config.resize_size if config.augment == "imagenet" else None,
           "image_order": order,
-          "image_seed": config.evaluation.seed if order == "shuffled" else None}
+          "image_seed": config.evaluation.seed if order == "shuffled" else None,
+          # The local data sets' class subset; recorded only when set, so that
+          # the records of every run without one stay as they were.
+          **({"classes": config.classes} if config.get("classes") else {})}
 
 
 def params_digest(meta: Optional[dict], params=None) -> str:

@@ -8,6 +8,7 @@ input pipeline (TensorFlow), checkpoints and writers, so that the benchmarks
 time exactly this step without them.
 """
 
+import functools
 from typing import Any
 
 import flax
@@ -60,11 +61,25 @@ def learning_rate_fn(config, updates_per_epoch: float, total_updates: int):
 
 
 def make_optimizer(config, lr_fn) -> optax.GradientTransformation:
+  """Adam (AdamW with weight decay); the first config.freeze_layers layers get
+  zero updates (so no decay either); optax.MultiSteps when accumulating."""
   tx = (optax.adamw(lr_fn, weight_decay=config.weight_decay) if config.weight_decay
         else optax.adam(lr_fn))
+  frozen = config.get("freeze_layers", 0)
+  if frozen:  # Only then: the optimizer state of every other run stays as it was.
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                               functools.partial(layer_labels, frozen=frozen))
   if config.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
   return tx
+
+
+def layer_labels(params, frozen: int):
+  """{"layer_<i>": {name: "frozen" if i < frozen else "train"}}: the labels of
+  optax.multi_transform for config.freeze_layers."""
+  return {layer: jax.tree.map(lambda _, f=int(layer.split("_")[-1]) < frozen:
+                              "frozen" if f else "train", sub)
+          for layer, sub in params.items()}
 
 
 def loss_fn(params, model, images, labels, rng, config):

@@ -5,7 +5,8 @@
 in numbered phases: 1 config and workdir checks, 2 mesh, 3 input (then the
 workdir is locked, `codajax.workdir`), 4 model and optimizer, 5 sharding and
 initialisation, 6 update and eval steps (the steps themselves are
-`codajax.steps`), 7 restore; what a mode needs beyond them it says in
+`codajax.steps`), 7 restore (or, for a new run, `codajax.finetune`'s start
+from config.init_from); what a mode needs beyond them it says in
 `modes.Needs`. Then one function per mode runs, and closes the writers, the
 checkpoint manager and the workdir however it ends: `train_mode` (8, the
 loop), `accuracy_mode`, `explain_mode`, `evaluate_mode`. Each returns a
@@ -38,6 +39,7 @@ from codajax import checkpoint
 from codajax import config_lib
 from codajax import input_pipeline
 from codajax import evaluation
+from codajax import finetune
 from codajax import models
 from codajax import modes
 from codajax import plotting
@@ -104,8 +106,15 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, training: bool = F
     state, train_step_fn, eval_step_fn = runs.compile_steps(
         config, model, info, per_epoch, num_steps, batch_sharding, replicated)
 
-    # 7. Restore the latest checkpoint (or an imported one), if any. ---------
+    # 7. Restore the latest checkpoint (or an imported one), if any; else, for
+    # training, the parameters of config.init_from (codajax.finetune). ------
     mngr, state, start, meta = runs.restore(wd, config, state, replicated, training)
+    if training:
+      try:
+        state = finetune.start(config, state, restored=meta is not None)
+      except BaseException:
+        mngr.close()
+        raise
     log = runs.MetricsLog(workdir, resumed_at=start if training else None, enabled=writable)
     return runs.Run(config=config, workdir=workdir, info=info, model=model,
                     steps_per_epoch=per_epoch, num_steps=num_steps,
