@@ -29,8 +29,13 @@ setuptools.setup(
     ],
     extras_require={
         # The notebooks run in the tests too (nbclient on the venv's ipykernel).
+        # The explorer's tests drive its HTTP API and its page in a headless
+        # chromium (Debian's chromium + chromium-driver, which .ci/run installs).
         "test": ["pytest>=8", "pytest-xdist>=3.6", "hypothesis>=6.100", "pyflakes>=3.2",
-                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+                 "gradio>=6.31", "gradio_client>=2.7", "selenium>=4.30"],
+        # The explanation explorer in the browser (python -m codajax.explore).
+        "app": ["gradio>=6.31"],
         # Only to read the authors' .pkl/.pt checkpoints (codajax.convert).
         "torch": ["torch>=2.4"],
         # Only for the LIME baseline (codajax.attribution, method "lime").

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv (Python >= 3.11) and installs codajax with the pinned versions of
 # constraints.txt. Idempotent: a second run only checks. Usage: bash launch/setup.sh [extras]
+# Extras (setup.py, comma-separated; default test): test, app (the explorer in the
+# browser, python -m codajax.explore), torch, lime, video.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-test}"

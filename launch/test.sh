@@ -5,7 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # lime, torch, video: the LIME baseline, the pretrained-model conversion (CPU torch)
-# and the explanation videos are tested too.
+# and the explanation videos are tested too; test itself brings the explorer's
+# gradio, gradio_client and selenium. Its browser test needs Debian's chromium and
+# chromium-driver (apt-get install chromium chromium-driver; .ci/run installs them)
+# and skips without them, unless CODAJAX_REQUIRE_BROWSER=1.
 bash launch/setup.sh test,lime,torch,video
 # Unused imports and undefined or dead names fail the run before the tests do.
 .venv/bin/python -m pyflakes codajax configs benchmarks tests
