@@ -4,9 +4,12 @@ Everything here must happen before JAX creates its backends, so it runs at
 conftest import time, before any test module imports jax.
 """
 
+import atexit
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 _NUM_DEVICES = 8
 _FLAG = f"--xla_force_host_platform_device_count={_NUM_DEVICES}"
@@ -25,6 +28,30 @@ _add_xla_flag("xla_force_host_platform_device_count", _FLAG)
 # not change float semantics (fast-math stays off).
 _add_xla_flag("xla_backend_optimization_level",
               "--xla_backend_optimization_level=0")
+
+
+def _share_a_compilation_cache() -> None:
+  """One persistent XLA compilation cache for the whole run: this process, the
+  xdist workers and every subprocess (CLI runs, notebook kernels) read it
+  through JAX_COMPILATION_CACHE_DIR. The tests build the same tiny programs
+  many times over (each train_and_evaluate call jits anew, each subprocess
+  starts cold), and XLA:CPU compilation is most of a tiny run's time; caching
+  changes no result. The process that creates the directory (the xdist
+  controller, or pytest itself without xdist) removes it at exit.
+  CODAJAX_TEST_XLA_CACHE=0 turns it off (to measure what it saves)."""
+  if os.environ.get("CODAJAX_TEST_XLA_CACHE") == "0" or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    return  # Off, or the caller chose a cache.
+  path = os.environ.get("CODAJAX_TEST_XLA_CACHE")
+  if not path:  # The first process of the run: make it, share it, remove it at exit.
+    path = tempfile.mkdtemp(prefix="codajax-xla-cache-")
+    os.environ["CODAJAX_TEST_XLA_CACHE"] = path
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+
+
+_share_a_compilation_cache()
 
 # Import the checkout's codajax even when it is not pip-installed.
 _ROOT = pathlib.Path(__file__).resolve().parent.parent
