@@ -24,7 +24,6 @@ import time
 
 import chex
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 import jax.numpy as jnp
 import numpy as np
 from orbax.checkpoint._src.path import atomicity
@@ -56,29 +55,10 @@ FAST_DIGITS = dict(batch_size=32, eval_batch_size=360, augment="crop_flip",
                    explain_at_end=False, num_explain=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def xla_cache(tmp_path_factory):
-  """A persistent compilation cache for this module's runs and subprocesses.
-
-  train_and_evaluate builds new jitted functions on every call, so without it
-  each run (and each subprocess) recompiles identical programs; XLA:CPU
-  compilation is most of a tiny run's time. One directory per pytest session,
-  shared by the xdist workers. Caching changes no results.
-  """
-  base = tmp_path_factory.getbasetemp()
-  if base.name.startswith("popen-gw"):  # xdist: share it between workers.
-    base = base.parent
-  path = str(base / "xla-cache")
-  values = {"jax_compilation_cache_dir": path,
-            "jax_persistent_cache_min_compile_time_secs": 0.0,
-            "jax_persistent_cache_min_entry_size_bytes": -1}
-  saved = {k: jax.config.values[k] for k in values}
-  for k, v in values.items():
-    jax.config.update(k, v)
-  yield path
-  for k, v in saved.items():
-    jax.config.update(k, v)
-  compilation_cache.reset_cache()
+@pytest.fixture
+def xla_cache():
+  """The run's shared compilation cache (conftest.py), for subprocesses."""
+  return os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
 
 
 # ------------------------------------------------------------------ helpers
@@ -178,9 +158,10 @@ def free_port():
 def subprocess_env(num_devices, cache_dir):
   """The test process's JAX settings (conftest.py), with `num_devices` devices."""
   env = dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="",
-             JAX_DEFAULT_MATMUL_PRECISION="highest", JAX_COMPILATION_CACHE_DIR=cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+             JAX_DEFAULT_MATMUL_PRECISION="highest")
+  if cache_dir:
+    env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
   env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={num_devices} "
                       "--xla_backend_optimization_level=0")
   return env
