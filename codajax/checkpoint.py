@@ -146,15 +146,15 @@ def _check_compatible(mngr, step: int, abstract_params, abstract_opt_state=None)
     return  # Metadata unreadable: the restore below reports the real problem.
   if stored is None:
     return
-  if stored_opt is not None and abstract_opt_state is not None and (
-      sorted(_shapes(stored_opt).values()) != sorted(_shapes(abstract_opt_state).values())):
-    raise CheckpointError(
-        f"The optimizer state at {mngr.directory}/{step} does not fit this config's "
-        "optimizer: config.freeze_layers, weight_decay or grad_accum_steps differ from "
-        "the run's. Resume with the run's settings (its config.json), or use a fresh "
-        "--workdir (--config.init_from=<this workdir> starts from its parameters).")
   got, want = _shapes(stored), _shapes(abstract_params)
-  if got == want:
+  if got == want:  # The model fits; then the optimizer (its state follows the model's shapes).
+    if stored_opt is not None and abstract_opt_state is not None and (
+        sorted(_shapes(stored_opt).values()) != sorted(_shapes(abstract_opt_state).values())):
+      raise CheckpointError(
+          f"The optimizer state at {mngr.directory}/{step} does not fit this config's "
+          "optimizer: config.freeze_layers, weight_decay or grad_accum_steps differ from "
+          "the run's. Resume with the run's settings (its config.json), or use a fresh "
+          "--workdir (--config.init_from=<this workdir> starts from its parameters).")
     return
   diffs = [f"  {k}: checkpoint {got.get(k, 'missing')} vs model {want.get(k, 'missing')}"
            for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)]

@@ -81,7 +81,7 @@ def test_every_problem_gets_its_line(tmp_path):
      f"no such config file 'configs/nonexistent.py' (relative to {ROOT}); give "
      "configs/<name>.py[:variant]."),
     ("configs/digits.py:typo", "codajax: ConfigError: --config=configs/digits.py:typo: "
-     "Unknown digits variant 'typo': configs/digits.py takes no variant name, only ',tiny'."),
+     "Unknown digits variant 'typo'; choose one of ['classes=<labels, e.g. 0-4>'] or none."),
     ("configs/image_folder.py:big,tiny", "codajax: ConfigError: --config=configs/"
      "image_folder.py:big,tiny: Unknown image_folder variant 'big': configs/image_folder.py "
      "takes no variant name, only ',tiny'."),
